@@ -1,0 +1,378 @@
+r"""`BatchNorm`: the module. It only wires the functional core to parameters and state."""
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from beartype import beartype
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped, jaxtyped
+
+from ._checks import (
+    as_axis_tuple,
+    canonical_feature_axes,
+    check_axis_index_groups,
+    check_float_input,
+    check_mask,
+    check_num_features,
+    check_scalar,
+    feature_order,
+)
+from ._collectives import as_names
+from ._errors import fail
+from ._normalization import normalize, output_dtype
+from ._statistics import _Config, _moments, statistics_dtype, update_running_average
+
+Initializer = Callable[..., Array]
+
+
+class BatchStats(eqx.Module):
+    """The running statistics of one `BatchNorm`, as stored in `eqx.nn.State`."""
+
+    mean: Float[Array, "*features"]
+    var: Float[Array, "*features"]
+
+
+def _check_dtype(name: str, dtype: Any, allow_none: bool) -> Any:
+    if dtype is None and allow_none:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise fail(name, "a floating dtype" + (" or None" if allow_none else ""), repr(dtype),
+                   f"pass e.g. `{name}=jnp.float32` or `{name}=jnp.bfloat16`")
+    return dtype
+
+
+def _init_param(name: str, init: Initializer, key: PRNGKeyArray | None,
+                shape: tuple[int, ...], dtype: Any) -> Array:
+    try:
+        value = init(key, shape, dtype)
+    except Exception as e:  # random initialisers fail without a key
+        if key is None:
+            raise fail("key", f"a PRNG key, because `{name}` draws random numbers", "None",
+                       "pass `key=jax.random.key(0)` to the constructor") from e
+        raise
+    value = jnp.asarray(value)
+    if value.shape != shape:
+        raise fail(name, f"an initialiser returning shape {shape}", f"shape {value.shape}",
+                   "use an initialiser with the signature `init(key, shape, dtype)`")
+    return value.astype(dtype)
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    r"""Batch normalisation with exactly `flax.linen.BatchNorm`'s semantics, in Equinox's
+    explicit-state style.
+
+    In training, with batch statistics $\mu, \sigma^2$ (see `batch_statistics`),
+
+    $$y = (x - \mu)\left(\gamma\,\frac{1}{\sqrt{\sigma^2 + \epsilon}}\right) + \beta,
+      \qquad \mu_r \leftarrow m\,\mu_r + (1-m)\,\mu, \quad
+      \sigma^2_r \leftarrow m\,\sigma^2_r + (1-m)\,\sigma^2 .$$
+
+    In inference the running statistics $\mu_r, \sigma^2_r$ normalise instead.
+
+    Two ways to call it, with the same numbers:
+
+    - **batched** (Flax's): `x` is the whole batch; every axis but `axis` is reduced.
+    - **per example** (Equinox's): under
+      `jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))`, with
+      `axis_name="batch"`; local non-feature axes and the named axis are reduced.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx, jax, jax.numpy as jnp
+        import eqx_batchnorm as ebn
+
+        bn, state = eqx.nn.make_with_state(ebn.BatchNorm)(16)       # channels last
+        x = jax.random.normal(jax.random.key(0), (32, 8, 8, 16))
+        y, state = bn(x, state)                                       # training
+        y, _ = eqx.nn.inference_mode(bn)(x, state)                    # inference
+
+        bn, state = eqx.nn.make_with_state(ebn.BatchNorm)(16, axis=0, axis_name="batch")
+        xs = jax.random.normal(jax.random.key(0), (32, 16, 8, 8))    # (batch, C, H, W)
+        ys, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None),
+                             out_axes=(0, None))(xs, state)
+        ```
+
+    Differences from Flax, all deliberate: the fast variance is accurate when the mean
+    dwarfs the spread; masked statistics across devices are exact; groups work under
+    `vmap` and `shard_map` too, and the running statistics average the groups; a batch
+    with non-finite statistics leaves the running statistics unchanged
+    (`skip_nonfinite_updates=False` restores Flax's behaviour).
+    """
+
+    scale: Float[Array, "*features"] | None
+    bias: Float[Array, "*features"] | None
+    state_index: eqx.nn.StateIndex[BatchStats]
+    inference: bool
+    feature_shape: tuple[int, ...] = eqx.field(static=True)
+    axis: int | tuple[int, ...] = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    epsilon: float = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+    param_dtype: Any = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    use_scale: bool = eqx.field(static=True)
+    bias_init: Initializer = eqx.field(static=True)
+    scale_init: Initializer = eqx.field(static=True)
+    axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
+    use_fast_variance: bool = eqx.field(static=True)
+    force_float32_reductions: bool = eqx.field(static=True)
+    skip_nonfinite_updates: bool = eqx.field(static=True)
+    renorm: bool = eqx.field(static=True)
+    renorm_r_max: float = eqx.field(static=True)
+    renorm_d_max: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        axis_name: Hashable | tuple[Hashable, ...] | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        use_fast_variance: bool = True,
+        force_float32_reductions: bool = True,
+        inference: bool | None = None,
+        key: PRNGKeyArray | None = None,
+        *,
+        use_running_average: bool | None = None,
+        skip_nonfinite_updates: bool = True,
+        renorm: bool = False,
+        renorm_r_max: float = 3.0,
+        renorm_d_max: float = 5.0,
+    ):
+        r"""**Arguments:**
+
+        - `num_features`: the size of the feature axis, or a tuple of sizes, one per
+          entry of `axis`.
+        - `axis`: the feature axis or axes of `x` (Flax's `axis`). Negative axes count
+          from the end. Per example under `vmap`, channels-first is `axis=0`.
+        - `momentum`: $m$ of the running average, in $[0, 1]$.
+        - `epsilon`: $\epsilon \ge 0$, added to the variance.
+        - `dtype`: the output dtype, and the minimum precision of the statistics
+          (default: inferred from `x` and the parameters, as Flax).
+        - `param_dtype`: the dtype of `scale` and `bias`.
+        - `use_bias`, `use_scale`: whether $\beta$, $\gamma$ exist.
+        - `bias_init`, `scale_init`: `init(key, shape, dtype)` initialisers.
+        - `axis_name`: a name, or a tuple of names, of `vmap`/`pmap`/`shard_map` axes
+          to take statistics across.
+        - `axis_index_groups`: a partition of the named axis into equal groups that
+          normalise separately; works under `vmap` (ghost batch norm), `pmap` and
+          `shard_map`.
+        - `use_fast_variance`: one accurate pass if `True`; two passes if `False`.
+        - `force_float32_reductions`: statistics (and running statistics) in at least
+          float32.
+        - `inference`: use the running statistics (Equinox's name; flipped by
+          `eqx.nn.inference_mode`). `use_running_average` is Flax's alias.
+        - `key`: a PRNG key, needed only when an initialiser is random.
+        - `skip_nonfinite_updates`: features whose batch statistics are not finite keep
+          their running statistics (Flax writes the NaN in).
+        - `renorm`: batch renormalisation (Ioffe, 2017) in training, with the clipping
+          bounds `renorm_r_max` ($r_{max} \ge 1$) and `renorm_d_max` ($d_{max} \ge 0$).
+
+        **Raises:**
+
+        `BatchNormError` (a `ValueError` and a `TypeError`) naming the argument, for
+        any argument out of its domain.
+        """
+        axes = as_axis_tuple(axis)
+        sizes = check_num_features(num_features, axes)
+        order = feature_order(axes)
+        self.feature_shape = tuple(sizes[i] for i in order)
+        self.axis = axes[0] if isinstance(axis, int | np.integer) else axes
+        self.momentum = check_scalar("momentum", momentum, 0.0, 1.0)
+        self.epsilon = check_scalar("epsilon", epsilon, 0.0)
+        self.dtype = _check_dtype("dtype", dtype, allow_none=True)
+        self.param_dtype = _check_dtype("param_dtype", param_dtype, allow_none=False)
+        self.use_bias, self.use_scale = bool(use_bias), bool(use_scale)
+        self.bias_init, self.scale_init = bias_init, scale_init
+        if axis_name is not None and isinstance(axis_name, list):
+            axis_name = tuple(axis_name)
+        self.axis_name = axis_name
+        self.axis_index_groups = check_axis_index_groups(axis_index_groups, axis_name)
+        self.use_fast_variance = bool(use_fast_variance)
+        self.force_float32_reductions = bool(force_float32_reductions)
+        self.inference = _merge_flags("inference", inference, use_running_average,
+                                      default=False)
+        self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
+        self.renorm = bool(renorm)
+        self.renorm_r_max = check_scalar("renorm_r_max", renorm_r_max, 1.0)
+        self.renorm_d_max = check_scalar("renorm_d_max", renorm_d_max, 0.0)
+
+        skey, bkey = (None, None) if key is None else jax.random.split(key)
+        self.scale = (_init_param("scale_init", scale_init, skey, self.feature_shape,
+                                  param_dtype) if use_scale else None)
+        self.bias = (_init_param("bias_init", bias_init, bkey, self.feature_shape,
+                                 param_dtype) if use_bias else None)
+        stat_dtype = jnp.float32 if self.force_float32_reductions else param_dtype
+        self.state_index = eqx.nn.StateIndex(BatchStats(
+            jnp.zeros(self.feature_shape, stat_dtype), jnp.ones(self.feature_shape, stat_dtype)))
+
+    @jaxtyped(typechecker=beartype)
+    def __call__(
+        self,
+        x: Shaped[Array | np.ndarray, "*shape"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        use_running_average: bool | None = None,
+        mask: Shaped[Array | np.ndarray, "..."] | None = None,
+        update_stats: bool | None = None,
+        renorm_r_max: float | Float[Array, ""] | None = None,
+        renorm_d_max: float | Float[Array, ""] | None = None,
+    ) -> tuple[Shaped[Array, "*shape"], eqx.nn.State]:
+        r"""**Arguments:**
+
+        - `x`: the input. Batched style: the whole batch. Per-example style (under
+          `vmap` with `axis_name`): one example.
+        - `state`: the `eqx.nn.State` holding this layer's running statistics.
+        - `key`: unused; accepted so that `eqx.nn.Sequential` can pass one.
+        - `inference` / `use_running_average`: override the `inference` field for this
+          call (giving both with different values is an error).
+        - `mask`: boolean, broadcastable to `x`; statistics over `True` positions only.
+        - `update_stats`: whether to update the running statistics (default: when not in
+          inference). Decouples *which* statistics normalise from *whether* the running
+          ones move: `inference=False, update_stats=False` normalises with batch
+          statistics and leaves the state alone (evaluation of a model trained without
+          running statistics, EMA/SWA models); `inference=True, update_stats=True`
+          normalises with the running statistics (before this update) while still
+          accumulating batch statistics (fine-tuning with frozen normalisation).
+        - `renorm_r_max`, `renorm_d_max`: per-call clipping bounds for batch
+          renormalisation (may be traced, for warm-up schedules).
+
+        **Returns:**
+
+        `(y, state)`: `y` shaped like `x`, and the state with the updated running
+        statistics.
+
+        **Raises:**
+
+        `BatchNormError` naming the argument: feature size mismatch, bad axis, non-float
+        `x`, bad `mask`, unbound `axis_name`, groups that do not partition the axis,
+        nothing to reduce over, conflicting flags, or a `state` that does not fit.
+        """
+        del key
+        check_float_input(x)
+        x = jnp.asarray(x)
+        axes = as_axis_tuple(self.axis)
+        feature_axes = canonical_feature_axes(axes, x.ndim, x.shape)
+        got = tuple(x.shape[a] for a in feature_axes)
+        if got != self.feature_shape:
+            raise fail("x", f"size(s) {self.feature_shape} on the feature axis "
+                       f"`axis={self.axis}`", f"shape {x.shape}, which has {got} there",
+                       "pass `x` with the features on `axis` (under `jax.vmap`, `x` is "
+                       "one example: use `axis=0` for channels-first), or construct "
+                       f"`BatchNorm({got[0] if len(got) == 1 else got}, ...)`")
+        reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+        names = as_names(self.axis_name)
+        if mask is not None:
+            check_mask(mask, x.shape)
+            mask = jnp.asarray(mask)
+        running = _get_running(state, self)
+        use_running = _merge_flags("inference", inference, use_running_average,
+                                   default=self.inference)
+        update = (not use_running) if update_stats is None else bool(update_stats)
+
+        stats = None
+        if not use_running or update:
+            if not reduction_axes and not names:
+                raise fail("x", "an axis to reduce over besides the feature axes "
+                           f"{feature_axes}, or an `axis_name`", f"shape {x.shape}",
+                           "pass a batch (e.g. shape (batch, features)), or call under "
+                           "`jax.vmap(bn, axis_name='batch', in_axes=(0, None), "
+                           "out_axes=(0, None))` with `BatchNorm(..., axis_name='batch')`")
+            cfg = _Config(reduction_axes, names, self.axis_index_groups,
+                          self.use_fast_variance,
+                          statistics_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+            stats = _moments(x, mask, cfg)
+
+        scale, bias = self.scale, self.bias
+        if use_running:
+            mean, var = running.mean, running.var
+            if not self.force_float32_reductions:
+                mean, var = mean.astype(self.param_dtype), var.astype(self.param_dtype)
+        else:
+            assert stats is not None
+            mean, var = stats[0], stats[1]
+            if self.renorm:
+                scale, bias = self._renorm_affine(mean, var, running, renorm_r_max,
+                                                  renorm_d_max)
+        y = normalize(x, mean, var, scale, bias, axis=self.axis, epsilon=self.epsilon,
+                      dtype=output_dtype(x, self.scale, self.bias, self.dtype))
+
+        if update:
+            assert stats is not None
+            new_mean = update_running_average(running.mean, stats[2], self.momentum)
+            new_var = update_running_average(running.var, stats[3], self.momentum)
+            if self.skip_nonfinite_updates:
+                ok = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
+                new_mean = jnp.where(ok, new_mean, running.mean)
+                new_var = jnp.where(ok, new_var, running.var)
+            state = state.set(self.state_index, BatchStats(new_mean, new_var))
+        return y, state
+
+    def _renorm_affine(self, mean, var, running, r_max, d_max):
+        """Batch renormalisation as an affine correction: with stop-gradient r and d,
+        ((x - mu_b) / s_b * r + d) * gamma + beta == (x - mu_b) / s_b * (gamma r) + (gamma d + beta).
+        """
+        r_max = self.renorm_r_max if r_max is None else r_max
+        d_max = self.renorm_d_max if d_max is None else d_max
+        sg = jax.lax.stop_gradient
+        std_b = jnp.sqrt(sg(var) + self.epsilon)
+        std_r = jnp.sqrt(running.var.astype(std_b.dtype) + self.epsilon)
+        r = sg(jnp.clip(std_b / std_r, 1 / r_max, r_max))
+        d = sg(jnp.clip((sg(mean) - running.mean) / std_r, -d_max, d_max))
+        gamma = self.scale if self.scale is not None else jnp.ones((), r.dtype)
+        beta = self.bias if self.bias is not None else jnp.zeros((), d.dtype)
+        return gamma * r, gamma * d + beta
+
+
+def _merge_flags(name: str, equinox_flag: bool | None, flax_flag: bool | None,
+                 default: bool) -> bool:
+    if equinox_flag is not None and flax_flag is not None and bool(equinox_flag) != bool(
+            flax_flag):
+        raise fail(name, "`inference` and `use_running_average` to agree (they are "
+                   "aliases)", f"inference={equinox_flag}, use_running_average={flax_flag}",
+                   "pass only one of them")
+    for flag in (equinox_flag, flax_flag):
+        if flag is not None:
+            return bool(flag)
+    return bool(default)
+
+
+def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
+    try:
+        running = state.get(bn.state_index)
+    except KeyError as e:
+        raise fail("state", "an `eqx.nn.State` holding this layer's running statistics",
+                   "a state without them", "build model and state together with "
+                   "`eqx.nn.make_with_state(...)`, and pass the state returned by the "
+                   "previous call") from e
+    stat_dtype = jnp.float32 if bn.force_float32_reductions else jnp.dtype(bn.param_dtype)
+    fits = isinstance(running, BatchStats) and all(
+        tuple(np.shape(v)) == bn.feature_shape and jnp.result_type(v) == stat_dtype
+        for v in (running.mean, running.var))
+    if not fits:
+        got = (f"statistics of shape {np.shape(running.mean)} and dtype "
+               f"{jnp.result_type(running.mean)}" if isinstance(running, BatchStats)
+               else repr(running))
+        raise fail("state", f"running statistics of shape {bn.feature_shape} and dtype "
+                   f"{jnp.dtype(stat_dtype)} for this layer", got,
+                   "pass the state made with this layer (a checkpoint of another feature "
+                   "size or dtype does not fit)")
+    return running
