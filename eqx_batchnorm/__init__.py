@@ -7,7 +7,14 @@ Public names: `BatchNorm` (the module), its state `BatchStats`, the functional c
 from ._batch_norm import BatchNorm as BatchNorm
 from ._batch_norm import BatchStats as BatchStats
 from ._errors import BatchNormError as BatchNormError
+from ._folding import fold_into as fold_into
+from ._folding import fold_sequential as fold_sequential
+from ._interop import from_equinox as from_equinox
+from ._interop import from_flax as from_flax
+from ._interop import from_torch as from_torch
+from ._interop import to_flax as to_flax
 from ._normalization import normalize as normalize
+from ._precise import recompute_statistics as recompute_statistics
 from ._statistics import BatchStatistics as BatchStatistics
 from ._statistics import batch_statistics as batch_statistics
 from ._statistics import update_running_average as update_running_average

@@ -1,7 +1,7 @@
 r"""`BatchNorm`: the module. It only wires the functional core to parameters and state."""
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, no_type_check
 
 import equinox as eqx
 import jax
@@ -14,14 +14,21 @@ from ._checks import (
     as_axis_tuple,
     canonical_feature_axes,
     check_axis_index_groups,
+    check_axis_name,
+    check_call_types,
+    check_callable,
+    check_flag,
     check_float_input,
     check_mask,
     check_num_features,
+    check_optional_flag,
+    check_reducible,
     check_scalar,
     feature_order,
+    with_argument_checks,
 )
-from ._collectives import as_names
-from ._errors import fail
+from ._collectives import as_names, like_running
+from ._errors import BatchNormError, fail
 from ._normalization import normalize, output_dtype
 from ._statistics import _Config, _moments, statistics_dtype, update_running_average
 
@@ -39,7 +46,8 @@ def _check_dtype(name: str, dtype: Any, allow_none: bool) -> Any:
     if dtype is None and allow_none:
         return None
     try:
-        dt = jnp.dtype(dtype)
+        # `jnp.dtype(None)` is float64: None must not slip through as a dtype.
+        dt = None if dtype is None else jnp.dtype(dtype)
     except TypeError:
         dt = None
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
@@ -53,10 +61,12 @@ def _init_param(name: str, init: Initializer, key: PRNGKeyArray | None,
     try:
         value = init(key, shape, dtype)
     except Exception as e:  # random initialisers fail without a key
-        if key is None:
+        if key is None and _works_with_a_key(init, shape, dtype):
             raise fail("key", f"a PRNG key, because `{name}` draws random numbers", "None",
                        "pass `key=jax.random.key(0)` to the constructor") from e
-        raise
+        raise fail(name, "an initialiser `init(key, shape, dtype) -> array`",
+                   f"one that raised {type(e).__name__}: {e}",
+                   f"pass e.g. `{name}=jax.nn.initializers.ones`") from e
     value = jnp.asarray(value)
     if value.shape != shape:
         raise fail(name, f"an initialiser returning shape {shape}", f"shape {value.shape}",
@@ -64,6 +74,20 @@ def _init_param(name: str, init: Initializer, key: PRNGKeyArray | None,
     return value.astype(dtype)
 
 
+def _works_with_a_key(init: Initializer, shape: tuple[int, ...], dtype: Any) -> bool:
+    try:
+        init(jax.random.key(0), shape, dtype)
+    except Exception:
+        return False
+    return True
+
+
+# The constructor validates every argument itself, with errors that name the argument
+# and the fix. `no_type_check` keeps jaxtyping's test-time import hook from wrapping it
+# in a beartype check that would run first, refusing `momentum=0` (an int) and turning
+# `num_features=3.0` into a page-long `TypeCheckError`. `__call__` keeps its explicit
+# jaxtyping + beartype check, behind `with_argument_checks`.
+@no_type_check
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Batch normalisation with exactly `flax.linen.BatchNorm`'s semantics, in Equinox's
     explicit-state style.
@@ -195,21 +219,27 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.feature_shape = tuple(sizes[i] for i in order)
         self.axis = axes[0] if isinstance(axis, int | np.integer) else axes
         self.momentum = check_scalar("momentum", momentum, 0.0, 1.0)
-        self.epsilon = check_scalar("epsilon", epsilon, 0.0)
+        self.epsilon = check_scalar("epsilon", epsilon, 0.0, finite=True)
         self.dtype = _check_dtype("dtype", dtype, allow_none=True)
         self.param_dtype = _check_dtype("param_dtype", param_dtype, allow_none=False)
-        self.use_bias, self.use_scale = bool(use_bias), bool(use_scale)
+        self.use_bias = check_flag("use_bias", use_bias)
+        self.use_scale = check_flag("use_scale", use_scale)
+        check_callable("bias_init", bias_init)
+        check_callable("scale_init", scale_init)
         self.bias_init, self.scale_init = bias_init, scale_init
-        if axis_name is not None and isinstance(axis_name, list):
-            axis_name = tuple(axis_name)
+        axis_name = check_axis_name(axis_name)
         self.axis_name = axis_name
         self.axis_index_groups = check_axis_index_groups(axis_index_groups, axis_name)
-        self.use_fast_variance = bool(use_fast_variance)
-        self.force_float32_reductions = bool(force_float32_reductions)
-        self.inference = _merge_flags("inference", inference, use_running_average,
-                                      default=False)
-        self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
-        self.renorm = bool(renorm)
+        self.use_fast_variance = check_flag("use_fast_variance", use_fast_variance)
+        self.force_float32_reductions = check_flag("force_float32_reductions",
+                                                   force_float32_reductions)
+        self.inference = _merge_flags(
+            "inference", check_optional_flag("inference", inference),
+            check_optional_flag("use_running_average", use_running_average),
+            default=False)
+        self.skip_nonfinite_updates = check_flag("skip_nonfinite_updates",
+                                                 skip_nonfinite_updates)
+        self.renorm = check_flag("renorm", renorm)
         self.renorm_r_max = check_scalar("renorm_r_max", renorm_r_max, 1.0)
         self.renorm_d_max = check_scalar("renorm_d_max", renorm_d_max, 0.0)
 
@@ -222,6 +252,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.state_index = eqx.nn.StateIndex(BatchStats(
             jnp.zeros(self.feature_shape, stat_dtype), jnp.ones(self.feature_shape, stat_dtype)))
 
+    @with_argument_checks(check_call_types)
     @jaxtyped(typechecker=beartype)
     def __call__(
         self,
@@ -285,22 +316,23 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mask = jnp.asarray(mask)
         running = _get_running(state, self)
         use_running = _merge_flags("inference", inference, use_running_average,
-                                   default=self.inference)
+                                   default=_field_flag(self.inference))
         update = (not use_running) if update_stats is None else bool(update_stats)
 
         stats = None
         if not use_running or update:
-            if not reduction_axes and not names:
-                raise fail("x", "an axis to reduce over besides the feature axes "
-                           f"{feature_axes}, or an `axis_name`", f"shape {x.shape}",
-                           "pass a batch (e.g. shape (batch, features)), or call under "
-                           "`jax.vmap(bn, axis_name='batch', in_axes=(0, None), "
-                           "out_axes=(0, None))` with `BatchNorm(..., axis_name='batch')`")
+            check_reducible(x.shape, feature_axes, bool(names))
             cfg = _Config(reduction_axes, names, self.axis_index_groups,
                           self.use_fast_variance,
                           statistics_dtype(x.dtype, self.dtype, self.force_float32_reductions))
             stats = _moments(x, mask, cfg)
 
+        if not self.renorm and (renorm_r_max is not None or renorm_d_max is not None):
+            raise fail("renorm_r_max" if renorm_r_max is not None else "renorm_d_max",
+                       "no per-call renorm bound on a layer built with `renorm=False`",
+                       f"renorm_r_max={renorm_r_max}, renorm_d_max={renorm_d_max}",
+                       "construct the layer with `BatchNorm(..., renorm=True)`, or drop "
+                       "the bound")
         scale, bias = self.scale, self.bias
         if use_running:
             mean, var = running.mean, running.var
@@ -317,8 +349,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         if update:
             assert stats is not None
-            new_mean = update_running_average(running.mean, stats[2], self.momentum)
-            new_var = update_running_average(running.var, stats[3], self.momentum)
+            new_mean = update_running_average(
+                running.mean, like_running(stats[2], running.mean), self.momentum)
+            new_var = update_running_average(
+                running.var, like_running(stats[3], running.var), self.momentum)
             if self.skip_nonfinite_updates:
                 ok = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
                 new_mean = jnp.where(ok, new_mean, running.mean)
@@ -327,8 +361,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return y, state
 
     def _renorm_affine(self, mean, var, running, r_max, d_max):
-        """Batch renormalisation as an affine correction: with stop-gradient r and d,
-        ((x - mu_b) / s_b * r + d) * gamma + beta == (x - mu_b) / s_b * (gamma r) + (gamma d + beta).
+        """Batch renormalisation as an affine correction. With stop-gradient r and d,
+        ((x - mu_b) / s_b * r + d) * gamma + beta
+        == (x - mu_b) / s_b * (gamma r) + (gamma d + beta).
         """
         r_max = self.renorm_r_max if r_max is None else r_max
         d_max = self.renorm_d_max if d_max is None else d_max
@@ -355,6 +390,20 @@ def _merge_flags(name: str, equinox_flag: bool | None, flax_flag: bool | None,
     return bool(default)
 
 
+def _field_flag(value: Any) -> bool:
+    """The `inference` field, which a careless `tree_map` or `jit` can turn into an array."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return check_flag("inference", value)
+    except BatchNormError:
+        raise fail("inference", "the layer's `inference` field to be a Python bool",
+                   f"{type(value).__name__} of shape {np.shape(value)}",
+                   "map or jit only the arrays of "
+                   "the layer (`eqx.filter_jit`, `eqx.filter(layer, eqx.is_array)`), "
+                   "or set the flag with `eqx.nn.inference_mode(layer, value)`") from None
+
+
 def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
     try:
         running = state.get(bn.state_index)
@@ -363,7 +412,15 @@ def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
                    "a state without them", "build model and state together with "
                    "`eqx.nn.make_with_state(...)`, and pass the state returned by the "
                    "previous call") from e
-    stat_dtype = jnp.float32 if bn.force_float32_reductions else jnp.dtype(bn.param_dtype)
+    except ValueError as e:  # Equinox invalidates a state once `.set` has been called on it
+        raise fail("state", "the latest state (each `eqx.nn.State` can be used once)",
+                   "a state already consumed by an earlier call",
+                   "pass the state returned by the previous call; to reuse one on "
+                   "purpose, copy it first: `jax.tree_util.tree_map(lambda a: a, state)`"
+                   ) from e
+    # Canonical: without x64, a float64 `param_dtype` gives float32 statistics.
+    stat_dtype = jax.dtypes.canonicalize_dtype(
+        jnp.float32 if bn.force_float32_reductions else bn.param_dtype)
     fits = isinstance(running, BatchStats) and all(
         tuple(np.shape(v)) == bn.feature_shape and jnp.result_type(v) == stat_dtype
         for v in (running.mean, running.var))

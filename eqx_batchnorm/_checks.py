@@ -4,14 +4,24 @@ Every check runs on static information (shapes, dtypes, Python values), so it co
 nothing once a function is traced: errors surface at construction or trace time.
 """
 
+import functools
+import inspect
 import math
-from collections.abc import Hashable, Sequence
-from typing import Any
+import re
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
+from jaxtyping import TypeCheckError
 
 from ._errors import fail
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 Axis = int | tuple[int, ...]
 AxisName = Hashable | tuple[Hashable, ...] | None
@@ -31,6 +41,11 @@ def as_axis_tuple(axis: Any, argument: str = "axis") -> tuple[int, ...]:
     return items
 
 
+def _one_or_all(axes: tuple[int, ...]) -> int | tuple[int, ...]:
+    """An axis tuple as the user wrote it: a lone axis as an int."""
+    return axes[0] if len(axes) == 1 else axes
+
+
 def feature_order(axes: tuple[int, ...]) -> tuple[int, ...]:
     """The order Flax stores several feature axes in: ascending once the rank is known.
 
@@ -44,10 +59,15 @@ def feature_order(axes: tuple[int, ...]) -> tuple[int, ...]:
 def canonical_feature_axes(axes: tuple[int, ...], ndim: int, shape: tuple[int, ...],
                            argument: str = "axis") -> tuple[int, ...]:
     """Feature axes of an `ndim`-dimensional `x`, non-negative and ascending."""
+    if ndim == 0:
+        # Without this, a scalar would be reported as an `axis` out of "[-0, 0)".
+        raise fail("x", "an array with at least one (feature) axis", "a 0-d array (a "
+                   "scalar)", "pass `x` with its features on `axis`, e.g. shape "
+                   "(batch, features); a lone scalar has no feature axis")
     for a in axes:
         if not -ndim <= a < ndim:
             raise fail(argument, f"axes in [-{ndim}, {ndim}) for `x` of shape {shape}",
-                       repr(axes if len(axes) > 1 else axes[0]),
+                       repr(_one_or_all(axes)),
                        "pass the axis of `x` that holds the features; under "
                        "`jax.vmap`, `x` is one example, so channels-first is `axis=0`")
     canon = tuple(a % ndim for a in axes)
@@ -76,14 +96,35 @@ def check_num_features(num_features: Any, axes: tuple[int, ...]) -> tuple[int, .
                    "pass the number of channels, at least 1")
     if len(items) != len(axes):
         raise fail("num_features", f"{len(axes)} size(s), one for each axis in "
-                   f"`axis={axes if len(axes) > 1 else axes[0]}`", repr(num_features),
+                   f"`axis={_one_or_all(axes)}`", repr(num_features),
                    "give one size per feature axis, in the same order as `axis`")
     return tuple(int(n) for n in items)
 
 
+def check_array(argument: str, value: Any, what: str = "floating-point") -> None:
+    """Refuses what is not a JAX or NumPy array, before JAX turns it into a deep error.
+
+    Python lists and scalars are refused rather than converted, as Flax does (it reads
+    `x.ndim`): a list silently becoming float32 hides dtype mistakes.
+    """
+    if not isinstance(value, jax.Array | np.ndarray):
+        raise fail(argument, f"a JAX or NumPy {what} array", f"{type(value).__name__} "
+                   f"{_short_repr(value)}", f"convert it first, e.g. "
+                   f"`{argument}=jnp.asarray({argument})`")
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_float_input(x: Any, argument: str = "x") -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    check_array(argument, x)
+    try:
+        dtype = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+    except TypeError:  # e.g. a NumPy array of strings or objects
+        dtype = getattr(x, "dtype", type(x).__name__)
+    if not (isinstance(dtype, np.dtype) and jnp.issubdtype(dtype, jnp.floating)):
         hint = ("complex inputs are not supported; normalise the real and imaginary "
                 "parts separately" if jnp.issubdtype(dtype, jnp.complexfloating)
                 else f"cast first, e.g. `{argument}.astype(jnp.float32)`")
@@ -92,8 +133,9 @@ def check_float_input(x: Any, argument: str = "x") -> None:
 
 
 def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
+    check_array("mask", mask, "boolean")
     mshape = tuple(np.shape(mask))
-    mdtype = jnp.result_type(mask)
+    mdtype = mask.dtype
     if mdtype != jnp.bool_:
         raise fail("mask", "a boolean array (True where an element counts)",
                    f"dtype {mdtype}", "pass e.g. `mask=(x != pad_value)` or "
@@ -110,16 +152,24 @@ def check_axis_index_groups(groups: Any, axis_name: AxisName) -> tuple[tuple[int
     """Static structure of `axis_index_groups`; checked against the axis size at trace time."""
     if groups is None:
         return None
-    if axis_name is None:
+    if axis_name is None or axis_name == ():
         raise fail("axis_index_groups", "to be used together with `axis_name`",
                    f"axis_index_groups={groups!r} with axis_name=None",
                    "pass `axis_name=` for the named axis that the groups split "
                    "(e.g. the `jax.vmap`/`pmap`/`shard_map` axis)")
-    try:
-        out = tuple(tuple(int(i) for i in g) for g in groups)
-    except TypeError:
+    # Indices must be ints: `int(1.7)` would silently move a participant to another
+    # group, and `True` is not an index anyone means.
+    def is_seq(v: Any) -> bool:
+        return isinstance(v, Sequence | np.ndarray) and not isinstance(v, str | bytes)
+
+    def is_index(i: Any) -> bool:
+        return isinstance(i, int | np.integer) and not isinstance(i, bool | np.bool_)
+
+    if not is_seq(groups) or not all(is_seq(g) and all(is_index(i) for i in g)
+                                     for g in groups):
         raise fail("axis_index_groups", "a sequence of sequences of ints",
-                   repr(groups), "pass e.g. `[[0, 1], [2, 3]]`") from None
+                   repr(groups), "pass e.g. `[[0, 1], [2, 3]]`")
+    out = tuple(tuple(int(i) for i in g) for g in groups)
     if not out or any(len(g) == 0 for g in out):
         raise fail("axis_index_groups", "non-empty groups", repr(groups),
                    "pass e.g. `[[0, 1], [2, 3]]`")
@@ -144,14 +194,173 @@ def check_groups_cover(groups: tuple[tuple[int, ...], ...], size: int,
                    f"list each of the {size} indices 0..{size - 1} exactly once")
 
 
-def check_scalar(name: str, value: Any, low: float, high: float = math.inf) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise fail(name, "a real number", repr(value), f"pass a float for `{name}`") from None
-    if not (low <= v <= high):  # also refuses NaN
-        rng = f"[{low}, {high}]" if high != math.inf else f">= {low}"
-        raise fail(name, f"a number in {rng}", repr(value),
+def check_scalar(name: str, value: Any, low: float, high: float = math.inf, *,
+                 finite: bool = False) -> float:
+    """`value` as a Python float in `[low, high]`; `finite=True` also refuses infinity.
+
+    Refuses what `float()` would quietly accept but nobody means: strings ("0.9"),
+    booleans, complex numbers, arrays of more than one element, and tracers (these
+    hyper-parameters are static).
+    """
+    if isinstance(value, Tracer):
+        raise fail(name, "a concrete Python number (it is static, fixed at construction)",
+                   f"a traced value {_short_repr(value)}",
+                   f"build the layer outside `jit`/`vmap`, with `{name}` a Python float")
+    dtype = getattr(value, "dtype", None)
+    real = (isinstance(value, int | float | np.integer | np.floating)
+            and not isinstance(value, bool | np.bool_)) or (
+        dtype is not None and np.ndim(value) == 0 and not jnp.issubdtype(dtype, jnp.bool_)
+        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
+    if not real:
+        raise fail(name, "a real number", f"{type(value).__name__} {_short_repr(value)}",
+                   f"pass a float for `{name}`")
+    v = float(value)
+    if not (low <= v <= high) or (finite and math.isinf(v)):  # also refuses NaN
+        rng = f"[{low}, {high}]" if high != math.inf else f"[{low}, inf)"
+        what = f"a {'finite ' if finite else ''}number in {rng}"
+        raise fail(name, what, repr(value),
                    f"pass `{name}` in {rng}" + (", e.g. 0.99 (Flax's default)"
                                                  if name == "momentum" else ""))
     return v
+
+
+def check_call_bound(name: str, value: Any, low: float) -> Any:
+    """A per-call bound that may be traced (a schedule): checked only when concrete."""
+    if value is None or isinstance(value, Tracer):
+        return value
+    v = check_scalar(name, value, low)
+    # A concrete array stays an array; a Python or NumPy number becomes the float the
+    # annotation asks for (so `renorm_r_max=3` is not refused for being an int).
+    return value if isinstance(value, jax.Array | np.ndarray) else v
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`value` as a Python bool. `bool("no")` is True: strings and numbers are refused."""
+    flag = check_optional_flag(name, value, allow_none=False)
+    assert flag is not None
+    return flag
+
+
+def check_optional_flag(name: str, value: Any, allow_none: bool = True) -> bool | None:
+    """`value` as a Python bool, or None (meaning: not given)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if (isinstance(value, jax.Array | np.ndarray) and np.ndim(value) == 0
+            and value.dtype == np.bool_ and not isinstance(value, Tracer)):
+        return bool(value)
+    traced = isinstance(value, Tracer)
+    raise fail(name, "a Python bool" + (" or None" if allow_none else ""),
+               f"{type(value).__name__} {_short_repr(value)}",
+               ("it selects the code path while tracing, so it cannot be a traced value: "
+                "mark it static (`eqx.filter_jit` does so for Python bools) or branch "
+                "with `jax.lax.cond` over two calls") if traced
+               else f"pass `{name}=True` or `{name}=False`")
+
+
+def check_axis_name(axis_name: Any) -> Any:
+    """`axis_name` as None, one hashable name, or a tuple of names (a list becomes a tuple)."""
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if axis_name is not None:
+        for name in names:
+            try:
+                hash(name)
+            except TypeError:
+                raise fail("axis_name", "None, a hashable name (e.g. a str) or a tuple of "
+                           "names", f"{type(name).__name__} {_short_repr(name)}",
+                           "pass the `axis_name=` given to `jax.vmap`/`pmap`/"
+                           "`shard_map`, e.g. `axis_name='batch'`") from None
+            if name is None:
+                raise fail("axis_name", "names, not None, inside the tuple",
+                           repr(axis_name), "leave None out of the tuple")
+    return axis_name
+
+
+def check_callable(name: str, value: Any) -> None:
+    if not callable(value):
+        raise fail(name, "an initialiser `init(key, shape, dtype) -> array`",
+                   f"{type(value).__name__} {_short_repr(value)}",
+                   f"pass e.g. `{name}=jax.nn.initializers.ones`, or "
+                   "`jax.nn.initializers.constant(v)` for a constant")
+
+
+def check_reducible(shape: tuple[int, ...], feature_axes: tuple[int, ...],
+                    has_names: bool) -> None:
+    """There is something to take statistics over, and it is not empty."""
+    reduction_axes = tuple(a for a in range(len(shape)) if a not in feature_axes)
+    if not reduction_axes and not has_names:
+        raise fail("x", "an axis to reduce over besides the feature axes "
+                   f"{feature_axes}, or an `axis_name`", f"shape {shape}",
+                   "pass a batch (e.g. shape (batch, features)), or call under "
+                   "`jax.vmap(bn, axis_name='batch', in_axes=(0, None), "
+                   "out_axes=(0, None))` with `BatchNorm(..., axis_name='batch')`")
+    empty = tuple(a for a in reduction_axes if shape[a] == 0)
+    if empty:
+        # Under vmap/pmap/shard_map every participant has this shape: all are empty.
+        raise fail("x", "at least one element per feature to take statistics over",
+                   f"shape {shape}, empty along axis {empty[0]}",
+                   "skip empty batches, or normalise them with the running statistics "
+                   "(`inference=True`)")
+
+
+def check_call_types(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Checks the types of `BatchNorm.__call__`'s arguments before its annotations are.
+
+    Returns the arguments with flags normalised to Python bools (`np.True_` passes).
+    """
+    out = dict(arguments)
+    check_array("x", out["x"])
+    if not isinstance(out["state"], eqx.nn.State):
+        raise fail("state", "an `eqx.nn.State`", f"{type(out['state']).__name__} "
+                   f"{_short_repr(out['state'])}", "pass the state from "
+                   "`eqx.nn.make_with_state(ebn.BatchNorm)(...)`, or the one returned by "
+                   "the previous call")
+    if out.get("mask") is not None:
+        check_array("mask", out["mask"], "boolean")
+    for name in ("inference", "use_running_average", "update_stats"):
+        if name in out:
+            out[name] = check_optional_flag(name, out[name])
+    for name, low in (("renorm_r_max", 1.0), ("renorm_d_max", 0.0)):
+        if name in out:
+            out[name] = check_call_bound(name, out[name], low)
+    return out
+
+
+_PARAMETER = re.compile(r"parameter '(\w+)'")
+_ACTUAL = re.compile(r"Actual value: (.*)")
+_EXPECTED = re.compile(r"Expected type: (.*)")
+
+
+def with_argument_checks(check: Callable[[dict[str, Any]], dict[str, Any]]):
+    """Runs `check` on the bound arguments first, and turns any annotation failure left
+    (jaxtyping's `TypeCheckError`, a page of text) into a `BatchNormError` naming the
+    argument."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            bound = signature.bind(*args, **kwargs)
+            bound.arguments.update(check(dict(bound.arguments)))
+            try:
+                return fn(*bound.args, **bound.kwargs)
+            except TypeCheckError as e:
+                text = str(e)
+                if f"{fn.__qualname__}." not in text.split("\n", 1)[0]:
+                    raise  # a check of something this function calls: not the caller's
+                name = _PARAMETER.search(text)
+                actual, expected = _ACTUAL.search(text), _EXPECTED.search(text)
+                raise fail(name.group(1) if name else "arguments",
+                           expected.group(1).rstrip(".") if expected
+                           else "the annotated type",
+                           _short_repr(actual.group(1), 120) if actual else "another type",
+                           f"see the annotations of `{fn.__qualname__}`") from None
+
+        return wrapper
+
+    return decorate
+

@@ -1,0 +1,432 @@
+r"""Converters between `BatchNorm` and the batch norms of Flax, PyTorch and Equinox.
+
+Every framework stores the same four arrays (scale $\gamma$, bias $\beta$, running mean
+$\mu_r$, running variance $\sigma^2_r$), but the conventions around them differ, and
+the differences are silent when a checkpoint is copied by hand:
+
+| | momentum | running variance | inference |
+|---|---|---|---|
+| Flax, `eqx_batchnorm` | $\mu_r \leftarrow m\mu_r + (1-m)\mu$ | biased | $\sigma^2_r$ |
+| PyTorch | $\mu_r \leftarrow (1-m)\mu_r + m\mu$ (inverted) | **unbiased** | $\sigma^2_r$ |
+| `eqx.nn.BatchNorm(mode="batch")` | Flax's | biased | $\sigma^2_r / (1 - m^t)$ (bias-corrected) |
+| `eqx.nn.BatchNorm(mode="ema")` | Flax's, first batch copied | biased | $\sigma^2_r$ |
+
+The converters reproduce the source's **inference** output exactly (up to float
+rounding); afterwards, training follows this library's (Flax's) conventions. Each
+returns `(bn, state)`, and the converted statistics are also `bn`'s initial state: a
+model assembled from converted layers gets them from `eqx.nn.make_with_state`.
+
+Nothing here imports Flax, PyTorch or NumPy extras: Flax variables are read as
+mappings, PyTorch tensors through their `.detach().cpu()` / `.numpy()` methods.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from ._batch_norm import BatchNorm, BatchStats, _get_running
+from ._checks import check_scalar
+from ._errors import fail
+
+__all__ = ["from_equinox", "from_flax", "from_torch", "to_flax"]
+
+
+def _to_jax(name: str, value: Any) -> Array:
+    """A JAX array from a JAX/NumPy array or a PyTorch tensor (without importing torch)."""
+    if hasattr(value, "detach"):  # a torch.Tensor
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            return jnp.asarray(tensor.float().numpy()).astype(jnp.bfloat16)
+        value = tensor.numpy()
+    try:
+        out = jnp.asarray(value)
+    except TypeError as e:
+        raise fail(name, "an array (JAX, NumPy or a PyTorch tensor)",
+                   f"{type(value).__name__}", "pass the layer's arrays") from e
+    return out
+
+
+def _build(
+    feature_shape: tuple[int, ...],
+    scale: Array | None,
+    bias: Array | None,
+    mean: Array,
+    var: Array,
+    source: str,
+    kwargs: dict[str, Any],
+) -> tuple[BatchNorm, eqx.nn.State]:
+    """Builds a `BatchNorm` with `kwargs`, then installs the given arrays."""
+    for flag, value in (("use_scale", scale), ("use_bias", bias)):
+        if flag in kwargs and bool(kwargs[flag]) != (value is not None):
+            name = flag.removeprefix("use_")
+            raise fail(flag, f"{value is not None} ({source} "
+                       f"{'has' if value is not None else 'has no'} `{name}`)",
+                       f"{flag}={kwargs[flag]!r}",
+                       f"drop `{flag}=` and let the converter read it from the checkpoint")
+        kwargs[flag] = value is not None
+    if "param_dtype" not in kwargs:
+        present = [a for a in (scale, bias) if a is not None]
+        if present:
+            kwargs["param_dtype"] = present[0].dtype
+    if len(feature_shape) == 0:
+        raise fail("mean", "running statistics with at least one feature axis",
+                   "a scalar", "pass the statistics of a batch norm layer")
+    num_features: int | tuple[int, ...] = (feature_shape[0] if len(feature_shape) == 1
+                                           else feature_shape)
+    bn = BatchNorm(num_features, **kwargs)
+    if bn.feature_shape != feature_shape:
+        raise fail("axis", f"feature axes giving the checkpoint's feature shape "
+                   f"{feature_shape}", f"`axis={bn.axis!r}`, feature shape "
+                   f"{bn.feature_shape}", "pass one `axis` per feature dimension of the "
+                   "checkpoint, in the order the arrays store them")
+    for name, value in (("scale", scale), ("bias", bias), ("var", var)):
+        if value is not None and value.shape != feature_shape:
+            raise fail(name, f"shape {feature_shape} (the running mean's)",
+                       f"shape {value.shape}", "pass the arrays of one layer")
+    if scale is not None:
+        bn = eqx.tree_at(lambda b: b.scale, bn, scale.astype(bn.param_dtype))
+    if bias is not None:
+        bn = eqx.tree_at(lambda b: b.bias, bn, bias.astype(bn.param_dtype))
+    fresh = bn.state_index.init
+    assert isinstance(fresh, BatchStats)
+    stats = BatchStats(mean.astype(fresh.mean.dtype), var.astype(fresh.var.dtype))
+    # The checkpoint becomes the layer's *initial* state, as if it had been constructed
+    # with it: `eqx.nn.make_with_state` over a model assembled from converted layers then
+    # yields a state holding the converted statistics.
+    bn = eqx.tree_at(lambda b: b.state_index, bn, eqx.nn.StateIndex(stats))
+    return bn, eqx.nn.State(bn)
+
+
+def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
+    r"""Exports one `BatchNorm` as the variables of a `flax.linen.BatchNorm`.
+
+    The result can be passed straight to `flax.linen.BatchNorm(...).apply`, or stored
+    under the layer's name in a larger Flax variables tree. As Flax does, a disabled
+    `scale` or `bias` is omitted, and `"params"` itself is omitted when both are.
+
+    !!! Example
+
+        ```python
+        import flax.linen as nn
+
+        bn, state = eqx.nn.make_with_state(ebn.BatchNorm)(16, momentum=0.9)
+        x = jax.random.normal(jax.random.key(0), (8, 16))
+        _, state = bn(x, state)                                    # a training step
+        variables = ebn.to_flax(bn, state)
+        y_flax = nn.BatchNorm(use_running_average=True).apply(variables, x)
+        y, _ = bn(x, state, inference=True)                         # the same numbers
+        ```
+
+    **Arguments:**
+
+    - `bn`: the layer.
+    - `state`: the `eqx.nn.State` holding its running statistics.
+
+    **Returns:**
+
+    `{"params": {"scale": ..., "bias": ...}, "batch_stats": {"mean": ..., "var": ...}}`,
+    arrays of shape `bn.feature_shape`. The hyper-parameters (`axis`, `momentum`,
+    `epsilon`, ...) are not variables in Flax: give them to `flax.linen.BatchNorm`.
+
+    **Raises:**
+
+    `BatchNormError` if `bn` is not a `BatchNorm` or `state` does not hold its
+    statistics.
+    """
+    if not isinstance(bn, BatchNorm):
+        raise fail("bn", "an `eqx_batchnorm.BatchNorm`", type(bn).__name__,
+                   "for an `eqx.nn.BatchNorm`, convert it first with `from_equinox`")
+    running = _get_running(state, bn)
+    params = {name: value for name, value in (("scale", bn.scale), ("bias", bn.bias))
+              if value is not None}
+    out: dict[str, dict[str, Array]] = {
+        "batch_stats": {"mean": jnp.asarray(running.mean), "var": jnp.asarray(running.var)}}
+    if params:
+        out["params"] = params
+    return out
+
+
+def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
+    r"""Imports the variables of one `flax.linen.BatchNorm`.
+
+    The scale, bias and running statistics are copied; `use_scale` and `use_bias`
+    follow from which parameters are present; `param_dtype` defaults to the stored
+    parameters' dtype. Everything else Flax keeps as module attributes, not variables
+    (`axis`, `momentum`, `epsilon`, `axis_name`, ...), so pass it in `kwargs`, as you
+    did to `flax.linen.BatchNorm`. Both libraries share every convention, so training
+    and inference continue exactly as in Flax.
+
+    !!! Example
+
+        ```python
+        import flax.linen as nn
+
+        x = jax.random.normal(jax.random.key(0), (8, 16))
+        flax_bn = nn.BatchNorm(momentum=0.9)
+        variables = flax_bn.init(jax.random.key(1), x, use_running_average=False)
+        bn, state = ebn.from_flax(variables, momentum=0.9)   # attributes as in Flax
+        y, state = bn(x, state)                               # Flax's training step
+
+        # In a larger model, pass one layer's sub-trees.
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x, train: bool):
+                return nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+
+        net_variables = Net().init(jax.random.key(2), x, train=False)
+        bn, state = ebn.from_flax({
+            "params": net_variables["params"]["BatchNorm_0"],
+            "batch_stats": net_variables["batch_stats"]["BatchNorm_0"],
+        })
+        ```
+
+    **Arguments:**
+
+    - `variables`: `{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}` of
+      one layer (a dict or a Flax `FrozenDict`; `"params"` may lack either entry or be
+      absent, as Flax stores it).
+    - `**kwargs`: passed to `BatchNorm` (not `num_features`, which is read from the
+      arrays). With several feature axes, give `axis=` as a tuple.
+
+    **Returns:**
+
+    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics.
+    They are also the layer's initial state, so `eqx.nn.make_with_state` over a model
+    assembled from converted layers gives a state that holds them.
+
+    **Raises:**
+
+    `BatchNormError` for missing or inconsistently shaped variables, `use_scale` /
+    `use_bias` contradicting the variables, or any invalid `BatchNorm` argument.
+    """
+    if not isinstance(variables, Mapping):
+        raise fail("variables", "a mapping {'params': ..., 'batch_stats': ...}",
+                   type(variables).__name__, "pass the variables of one Flax BatchNorm")
+    stats = variables.get("batch_stats")
+    if not isinstance(stats, Mapping) or "mean" not in stats or "var" not in stats:
+        raise fail("variables", "a 'batch_stats' entry holding 'mean' and 'var'",
+                   f"keys {sorted(variables)}" + (f", batch_stats keys {sorted(stats)}"
+                                                  if isinstance(stats, Mapping) else ""),
+                   "pass one layer's variables, e.g. {'params': params['BatchNorm_0'], "
+                   "'batch_stats': batch_stats['BatchNorm_0']}")
+    params = variables.get("params", {})
+    unknown = sorted(set(params) - {"scale", "bias"}) + sorted(
+        set(variables) - {"params", "batch_stats"})
+    if unknown:
+        raise fail("variables", "only 'params' {'scale', 'bias'} and 'batch_stats'",
+                   f"extra entries {unknown}", "pass the variables of one BatchNorm layer")
+    if "num_features" in kwargs:
+        raise fail("num_features", "no value (it is read from the variables)",
+                   repr(kwargs["num_features"]), "drop `num_features=`")
+    mean = _to_jax("mean", stats["mean"])
+    var = _to_jax("var", stats["var"])
+    scale = _to_jax("scale", params["scale"]) if "scale" in params else None
+    bias = _to_jax("bias", params["bias"]) if "bias" in params else None
+    if "axis" not in kwargs and mean.ndim > 1:
+        raise fail("axis", f"{mean.ndim} feature axes (the statistics have shape "
+                   f"{mean.shape})", "the default `axis=-1`",
+                   "pass the `axis=` tuple given to flax.linen.BatchNorm")
+    return _build(tuple(mean.shape), scale, bias, mean, var, "the Flax variables",
+                  dict(kwargs))
+
+
+_TORCH_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def from_torch(
+    state_dict: Any,
+    *,
+    torch_momentum: Any = None,
+    prefix: str = "",
+    **kwargs: Any,
+) -> tuple[BatchNorm, eqx.nn.State]:
+    r"""Imports a `torch.nn.BatchNorm1d/2d/3d` from its `state_dict()`.
+
+    PyTorch's conventions differ from Flax's in three ways, handled here:
+
+    - **Momentum is inverted**: PyTorch updates
+      $\mu_r \leftarrow (1 - m_t)\,\mu_r + m_t\,\mu$, so PyTorch's `momentum=0.1` (its
+      default) is `momentum=0.9` here. Give PyTorch's value as `torch_momentum=`, or
+      this library's as `momentum=`; with neither, PyTorch's default 0.1 is assumed.
+      PyTorch's `momentum=None` (a cumulative average) has no fixed-momentum
+      equivalent: choose a momentum, or recompute the statistics exactly with
+      `recompute_statistics`.
+    - **`running_var` is the unbiased variance** $\frac{n}{n-1}\sigma^2_B$ averaged over
+      batches, while training normalises with the biased $\sigma^2_B$. It is copied
+      as-is, because PyTorch's `.eval()` normalises with it as stored: the inference
+      output is exactly PyTorch's. Later training updates it with the biased batch
+      variance (Flax's convention), a relative difference of $1/(n-1)$ per update for
+      $n$ elements per feature and batch.
+    - **Layout**: PyTorch's batched input is `(N, C, ...)`, so the default here is
+      `axis=1` (batched, channels first). For Equinox's per-example layers
+      (`(C, H, W)` under `jax.vmap`), pass `axis=0, axis_name="batch"`.
+
+    `num_batches_tracked` is accepted and ignored (PyTorch reads it only for
+    `momentum=None`). A layer built with `affine=False` gives `use_scale=False,
+    use_bias=False`. `eps` is `epsilon=` here (same default, 1e-5).
+
+    !!! Example
+
+        ```python
+        import torch
+
+        torch_bn = torch.nn.BatchNorm2d(16).eval()             # momentum 0.1, eps 1e-5
+        bn, state = ebn.from_torch(torch_bn.state_dict())     # axis=1, momentum=0.9
+        x = torch.randn(4, 16, 8, 8)                          # NCHW
+        y, _ = bn(jnp.asarray(x.numpy()), state, inference=True)   # == torch_bn(x)
+
+        # One layer of a larger model, for per-example use under jax.vmap:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
+        bn, state = ebn.from_torch(model.state_dict(), prefix="1.",
+                                   axis=0, axis_name="batch")
+        ```
+
+    **Arguments:**
+
+    - `state_dict`: a mapping with `running_mean`, `running_var` and, for an affine
+      layer, `weight` and `bias` (PyTorch tensors or JAX/NumPy arrays).
+    - `torch_momentum`: the momentum in PyTorch's convention, in $[0, 1]$.
+    - `prefix`: prepended to every key, to pick one layer out of a model's
+      `state_dict()` (e.g. `"layer1.0.bn1."`).
+    - `**kwargs`: passed to `BatchNorm` (`axis`, `epsilon`, `axis_name`, ...).
+
+    **Returns:**
+
+    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics
+    (also the layer's initial state, as for `from_flax`).
+
+    **Raises:**
+
+    `BatchNormError` for missing keys, a layer without running statistics
+    (`track_running_stats=False`), both `torch_momentum` and `momentum`, or any
+    invalid `BatchNorm` argument.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise fail("state_dict", "a mapping from names to tensors (`module.state_dict()`)",
+                   type(state_dict).__name__, "pass `torch_bn.state_dict()`")
+    entries = {k[len(prefix):]: v for k, v in state_dict.items()
+               if isinstance(k, str) and k.startswith(prefix)}
+    if not prefix:
+        extra = sorted(set(entries) - set(_TORCH_KEYS))
+        if extra:
+            raise fail("state_dict", f"the keys of one batch norm layer {_TORCH_KEYS}",
+                       f"other keys too, e.g. {extra[:3]}",
+                       "pass `prefix=` naming the layer, e.g. `prefix='bn1.'`")
+    if "running_mean" not in entries or "running_var" not in entries:
+        raise fail("state_dict", f"'{prefix}running_mean' and '{prefix}running_var'",
+                   f"keys {sorted(entries)[:6]}",
+                   "a layer built with `track_running_stats=False` has no running "
+                   "statistics and always normalises with the batch's: build "
+                   "`ebn.BatchNorm` and call it with `inference=False, "
+                   "update_stats=False`; otherwise check `prefix=`")
+    if ("weight" in entries) != ("bias" in entries):
+        raise fail("state_dict", "both 'weight' and 'bias' (affine=True) or neither",
+                   f"keys {sorted(entries)}", "pass the whole state_dict of the layer")
+    kwargs = dict(kwargs)
+    if torch_momentum is not None:
+        if "momentum" in kwargs:
+            raise fail("torch_momentum", "only one of `torch_momentum` (PyTorch's "
+                       "convention) and `momentum` (Flax's)",
+                       f"torch_momentum={torch_momentum!r}, momentum={kwargs['momentum']!r}",
+                       "pass one: `momentum = 1 - torch_momentum`")
+        kwargs["momentum"] = 1.0 - check_scalar("torch_momentum", torch_momentum, 0.0, 1.0)
+    kwargs.setdefault("momentum", 0.9)  # PyTorch's default momentum=0.1
+    kwargs.setdefault("axis", 1)
+    if "num_features" in kwargs:
+        raise fail("num_features", "no value (it is read from the state_dict)",
+                   repr(kwargs["num_features"]), "drop `num_features=`")
+    mean = _to_jax("running_mean", entries["running_mean"])
+    var = _to_jax("running_var", entries["running_var"])
+    scale = _to_jax("weight", entries["weight"]) if "weight" in entries else None
+    bias = _to_jax("bias", entries["bias"]) if "bias" in entries else None
+    if mean.ndim != 1:
+        raise fail("state_dict", "a 1-D running_mean (one entry per channel)",
+                   f"shape {mean.shape}", "pass the state_dict of a torch BatchNorm1d/2d/3d")
+    return _build(tuple(mean.shape), scale, bias, mean, var, "the PyTorch state_dict",
+                  kwargs)
+
+
+def from_equinox(eqx_bn: Any, state: Any,
+                 **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
+    r"""Converts an `eqx.nn.BatchNorm` (either `mode`) and its state.
+
+    The result is a per-example layer like the source: `axis=0` (channels first) and
+    the source's `axis_name`, `eps`, `momentum`, `inference`, and its `weight`/`bias`
+    (`channelwise_affine`). Its inference output equals the source's:
+
+    - `mode="ema"`: the running statistics are copied. (Before the first training
+      step Equinox's buffers are uninitialised zeros, and normalise as such; they are
+      copied as they are.)
+    - `mode="batch"`: Equinox keeps bias-uncorrected averages $h_t$ and divides at
+      inference by $1 - m^t$ after $t$ steps; the corrected values
+      $h_t / (1 - m^t)$ become the running statistics here.
+
+    Training then follows Flax's conventions: batch statistics normalise and the
+    running statistics move by `momentum`, with no bias correction (Equinox's `"ema"`
+    mode normalises with the running averages during training instead).
+
+    !!! Example
+
+        ```python
+        eqx_bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            16, axis_name="batch", mode="batch")
+        xs = jax.random.normal(jax.random.key(0), (8, 16, 4, 4))   # (batch, C, H, W)
+        _, state = jax.vmap(eqx_bn, axis_name="batch", in_axes=(0, None),
+                            out_axes=(0, None))(xs, state)          # a training step
+        bn, new_state = ebn.from_equinox(eqx_bn, state)
+        ys, _ = jax.vmap(eqx.nn.inference_mode(bn), axis_name="batch",
+                         in_axes=(0, None), out_axes=(0, None))(xs, new_state)
+        ```
+
+    **Arguments:**
+
+    - `eqx_bn`: the `eqx.nn.BatchNorm`.
+    - `state`: the `eqx.nn.State` holding its statistics.
+    - `**kwargs`: overrides of the `BatchNorm` arguments read from `eqx_bn` (e.g.
+      `axis=1, axis_name=None` to call it on a whole batch at once).
+
+    **Returns:**
+
+    `(bn, state)`: the layer and a new `eqx.nn.State` holding its running statistics
+    (also the layer's initial state, as for `from_flax`).
+
+    **Raises:**
+
+    `BatchNormError` if `eqx_bn` is not an `eqx.nn.BatchNorm` or `state` does not hold
+    its statistics.
+    """
+    if not isinstance(eqx_bn, eqx.nn.BatchNorm):
+        raise fail("eqx_bn", "an `eqx.nn.BatchNorm`", type(eqx_bn).__name__,
+                   "for an `eqx_batchnorm.BatchNorm` no conversion is needed")
+    try:
+        if eqx_bn.mode == "ema":
+            assert eqx_bn.ema_state_index is not None
+            mean, var = state.get(eqx_bn.ema_state_index)
+        else:
+            assert eqx_bn.batch_state_index is not None
+            assert eqx_bn.batch_counter is not None
+            hidden_mean, hidden_var = state.get(eqx_bn.batch_state_index)
+            counter = state.get(eqx_bn.batch_counter)
+            # Equinox's own expression, so the corrected values match it to the bit.
+            correction = jnp.where(counter == 0, 1, 1 - eqx_bn.momentum**counter)
+            mean, var = hidden_mean / correction, hidden_var / correction
+    except (KeyError, ValueError) as e:
+        raise fail("state", "the `eqx.nn.State` made together with `eqx_bn`",
+                   "a state without its statistics",
+                   "pass the state returned by `eqx.nn.make_with_state` or by the last "
+                   "call of `eqx_bn`") from e
+    axis_name = eqx_bn.axis_name
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    dtype = eqx_bn.weight.dtype if eqx_bn.weight is not None else jnp.asarray(mean).dtype
+    options: dict[str, Any] = dict(axis=0, axis_name=axis_name, epsilon=eqx_bn.eps,
+                                   momentum=eqx_bn.momentum, inference=eqx_bn.inference,
+                                   param_dtype=dtype)
+    if "use_running_average" in kwargs:
+        del options["inference"]
+    options.update(kwargs)
+    return _build((eqx_bn.input_size,), eqx_bn.weight, eqx_bn.bias, jnp.asarray(mean),
+                  jnp.asarray(var), "the eqx.nn.BatchNorm", options)
