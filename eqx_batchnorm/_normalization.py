@@ -7,7 +7,7 @@ because the same product also feeds $\bar x$. Written per feature instead,
 
 $$\dot y = a\,\dot x + (x-\mu)\,v + c,\qquad
   v = \dot\gamma\,(\sigma^2+\epsilon)^{-1/2}
-      - \tfrac12\,\gamma\,(\sigma^2+\epsilon)^{-3/2}\,(\dot{\sigma^2} + \dot\epsilon),
+      - \tfrac12\,\gamma\,(\sigma^2+\epsilon)^{-3/2}\,\dot{\sigma^2},
   \qquad c = \dot\beta - a\,\dot\mu,$$
 
 its transpose is the classic backward: two reductions, $\sum \bar y$ and
@@ -21,7 +21,8 @@ On XLA:CPU a reduction fuses a plain product of two arrays at close to memory sp
 but pays about half a pass for every extra elementwise operation, so there the second
 reduction is taken as $\sum \bar y\,x - \mu \sum \bar y$ (elsewhere as written). That
 costs a relative error of about $\varepsilon\,|\mu|/\sigma$ in the gradient of $\gamma$
-and $\sigma^2$ (float32: $10^{-5}$ at $|\mu| = 100\,\sigma$); $\bar x$ is unaffected.
+and $\sigma^2$ (float32: $10^{-5}$ at $|\mu| = 100\,\sigma$), and in the term of $\bar x$
+along $x - \mu$.
 """
 
 import math
