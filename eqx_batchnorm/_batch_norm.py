@@ -22,15 +22,14 @@ from ._checks import (
     check_mask,
     check_num_features,
     check_optional_flag,
-    check_reducible,
     check_scalar,
     feature_order,
     with_argument_checks,
 )
-from ._collectives import as_names, like_running
+from ._collectives import like_running
 from ._errors import BatchNormError, fail
 from ._normalization import normalize, output_dtype
-from ._statistics import _Config, _moments, statistics_dtype, update_running_average
+from ._statistics import batch_statistics, update_running_average
 
 Initializer = Callable[..., Array]
 
@@ -309,8 +308,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
                        "pass `x` with the features on `axis` (under `jax.vmap`, `x` is "
                        "one example: use `axis=0` for channels-first), or construct "
                        f"`BatchNorm({got[0] if len(got) == 1 else got}, ...)`")
-        reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-        names = as_names(self.axis_name)
         if mask is not None:
             check_mask(mask, x.shape)
             mask = jnp.asarray(mask)
@@ -321,11 +318,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         stats = None
         if not use_running or update:
-            check_reducible(x.shape, feature_axes, bool(names))
-            cfg = _Config(reduction_axes, names, self.axis_index_groups,
-                          self.use_fast_variance,
-                          statistics_dtype(x.dtype, self.dtype, self.force_float32_reductions))
-            stats = _moments(x, mask, cfg)
+            stats = batch_statistics(
+                x, self.axis, mask=mask, axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+                force_float32_reductions=self.force_float32_reductions)
 
         if not self.renorm and (renorm_r_max is not None or renorm_d_max is not None):
             raise fail("renorm_r_max" if renorm_r_max is not None else "renorm_d_max",
@@ -340,7 +337,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 mean, var = mean.astype(self.param_dtype), var.astype(self.param_dtype)
         else:
             assert stats is not None
-            mean, var = stats[0], stats[1]
+            mean, var = stats.mean, stats.var
             if self.renorm:
                 scale, bias = self._renorm_affine(mean, var, running, renorm_r_max,
                                                   renorm_d_max)
@@ -350,9 +347,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if update:
             assert stats is not None
             new_mean = update_running_average(
-                running.mean, like_running(stats[2], running.mean), self.momentum)
+                running.mean, like_running(stats.axis_mean, running.mean), self.momentum)
             new_var = update_running_average(
-                running.var, like_running(stats[3], running.var), self.momentum)
+                running.var, like_running(stats.axis_var, running.var), self.momentum)
             if self.skip_nonfinite_updates:
                 ok = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
                 new_mean = jnp.where(ok, new_mean, running.mean)

@@ -294,9 +294,11 @@ def check_reducible(shape: tuple[int, ...], feature_axes: tuple[int, ...],
     if not reduction_axes and not has_names:
         raise fail("x", "an axis to reduce over besides the feature axes "
                    f"{feature_axes}, or an `axis_name`", f"shape {shape}",
-                   "pass a batch (e.g. shape (batch, features)), or call under "
-                   "`jax.vmap(bn, axis_name='batch', in_axes=(0, None), "
-                   "out_axes=(0, None))` with `BatchNorm(..., axis_name='batch')`")
+                   "pass a batch (e.g. shape (batch, features)), or take the statistics "
+                   "across a named axis: `jax.vmap(..., axis_name='batch')` with "
+                   "`axis_name='batch'` (for the layer: `jax.vmap(bn, axis_name='batch', "
+                   "in_axes=(0, None), out_axes=(0, None))` with "
+                   "`BatchNorm(..., axis_name='batch')`)")
     empty = tuple(a for a in reduction_axes if shape[a] == 0)
     if empty:
         # Under vmap/pmap/shard_map every participant has this shape: all are empty.

@@ -55,6 +55,7 @@ from ._checks import (
     check_axis_index_groups,
     check_float_input,
     check_mask,
+    check_reducible,
     with_argument_checks,
 )
 from ._collectives import (
@@ -68,7 +69,6 @@ from ._collectives import (
     psum_parts,
     select,
 )
-from ._errors import fail
 
 
 def statistics_dtype(x_dtype: Any, dtype: Any, force_float32_reductions: bool) -> Any:
@@ -435,11 +435,7 @@ def batch_statistics(
     feature_axes = canonical_feature_axes(as_axis_tuple(axis), x.ndim, x.shape)
     red = tuple(a for a in range(x.ndim) if a not in feature_axes)
     names = as_names(axis_name)
-    if not red and not names:
-        raise fail("x", "at least one axis to reduce over besides the feature axes "
-                   f"{feature_axes}, or an `axis_name`", f"shape {x.shape}",
-                   "pass a batch (e.g. shape (batch, features)), or call the layer under "
-                   "`jax.vmap(..., axis_name='batch')` with `axis_name='batch'`")
+    check_reducible(x.shape, feature_axes, bool(names))
     if mask is not None:
         check_mask(mask, x.shape)
         mask = jnp.asarray(mask)
