@@ -59,6 +59,9 @@ def _build(
     kwargs: dict[str, Any],
 ) -> tuple[BatchNorm, eqx.nn.State]:
     """Builds a `BatchNorm` with `kwargs`, then installs the given arrays."""
+    if "num_features" in kwargs:
+        raise fail("num_features", f"no value (it is read from {source})",
+                   repr(kwargs["num_features"]), "drop `num_features=`")
     for flag, value in (("use_scale", scale), ("use_bias", bias)):
         if flag in kwargs and bool(kwargs[flag]) != (value is not None):
             name = flag.removeprefix("use_")
@@ -218,9 +221,6 @@ def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     if unknown:
         raise fail("variables", "only 'params' {'scale', 'bias'} and 'batch_stats'",
                    f"extra entries {unknown}", "pass the variables of one BatchNorm layer")
-    if "num_features" in kwargs:
-        raise fail("num_features", "no value (it is read from the variables)",
-                   repr(kwargs["num_features"]), "drop `num_features=`")
     mean = _to_jax("mean", stats["mean"])
     var = _to_jax("var", stats["var"])
     scale = _to_jax("scale", params["scale"]) if "scale" in params else None
@@ -335,9 +335,6 @@ def from_torch(
         kwargs["momentum"] = 1.0 - check_scalar("torch_momentum", torch_momentum, 0.0, 1.0)
     kwargs.setdefault("momentum", 0.9)  # PyTorch's default momentum=0.1
     kwargs.setdefault("axis", 1)
-    if "num_features" in kwargs:
-        raise fail("num_features", "no value (it is read from the state_dict)",
-                   repr(kwargs["num_features"]), "drop `num_features=`")
     mean = _to_jax("running_mean", entries["running_mean"])
     var = _to_jax("running_var", entries["running_var"])
     scale = _to_jax("weight", entries["weight"]) if "weight" in entries else None

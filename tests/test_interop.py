@@ -239,3 +239,9 @@ def test_converted_layers_assemble_into_a_model():
     h = (x - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * jnp.array([2.0, 1.0])
     np.testing.assert_allclose(y, (h + stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5),
                                rtol=1e-6)
+
+
+def test_every_converter_refuses_num_features():
+    eqx_bn, eqx_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch")
+    with pytest.raises(ebn.BatchNormError, match=r"`num_features`.*drop `num_features=`"):
+        ebn.from_equinox(eqx_bn, eqx_state, num_features=3)
