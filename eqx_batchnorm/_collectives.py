@@ -43,6 +43,12 @@ def _manual_axes() -> frozenset[Hashable]:
     return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
 
 
+def across_devices(names: tuple[Hashable, ...]) -> bool:
+    """Whether any of `names` is a device (mesh) axis, rather than a `vmap` axis whose
+    participants all live in one program."""
+    return not _manual_axes().isdisjoint(names)
+
+
 def _varying(value: Array) -> frozenset[Hashable]:
     """The `shard_map` axes along which `value` is typed as varying (empty elsewhere)."""
     aval = jax.typeof(value)

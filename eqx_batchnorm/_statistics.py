@@ -17,8 +17,11 @@ beyond), picked when tracing by the default backend (`strategy`):
 
 - **GPU, TPU** (`_shifted_moments`): each participant shifts its data by one of its own
   valid samples $K$ (so $x - K$ is small and exact) and takes $\sum (x - K)$ and
-  $\sum (x - K)^2$ in one fused pass; the participants' summaries are combined with
-  Chan's parallel formula over one `all_gather` of four numbers per feature.
+  $\sum (x - K)^2$ in one fused pass; across devices the participants' summaries are
+  combined with Chan's parallel formula over one `all_gather` of four numbers per
+  feature. Across `vmap` names alone (every participant in one program) the group
+  shares one shift instead, and one `psum` of the shifted sums combines them: XLA
+  merges it with the per-example reductions, as cheap as the batched style.
 - **CPU** (`_summed_moments`): XLA:CPU reduces $\sum x$ and $\sum x^2$ at memory speed
   but pays about half a pass more for any other elementwise producer, such as
   $x - K$. So it takes the plain sums (one `psum`) and checks them: where
@@ -60,6 +63,7 @@ from ._checks import (
 )
 from ._collectives import (
     Groups,
+    across_devices,
     all_gather,
     as_names,
     axis_size,
@@ -217,19 +221,67 @@ def _shifted_moments(x: Array, mask: Array | None, cfg: _Config) -> _GroupMoment
         var = jnp.maximum((s2 - s1 * (s1 / count)) / count, 0)
         return _GroupMoments(mean[None], var[None], count[None], onehot)
 
-    # Chan et al.'s parallel combination, every participant relative to the group's
-    # first member's shift: only differences of nearby values, no cancellation.
     assert groups is not None
+    if not across_devices(names):
+        return _common_shift_moments(xc, m, count, groups, onehot, shift, cfg)
+
+    # Chan et al.'s parallel combination, every participant relative to the shift of
+    # the group's first member holding data (in that feature): only differences of
+    # nearby values, no cancellation.
     local_mean = s1 / jnp.where(count > 0, count, 1)
     m2 = s2 - s1 * local_mean
     summary = all_gather(jnp.stack([count, shift, local_mean, m2]), names)
     summary = summary[None] if groups.count == 1 else summary[groups.members]
     n, k, local_mean, m2 = (summary[:, :, i] for i in range(4))  # (G, members, *F)
-    offset = (k - k[:, :1]) + local_mean
+    # (Without a mask every member holds data; with one, a member without any has the
+    # fallback shift 0, as far from the data as no shift at all.)
+    ref = k[:, :1] if m is None else jnp.take_along_axis(
+        k, jnp.argmax(n > 0, axis=1)[:, None], axis=1)
+    offset = (k - ref) + local_mean
     total = n.sum(1)
     mean_offset = (n * offset).sum(1) / total
     m2 = m2.sum(1) + (n * jnp.square(offset - mean_offset[:, None])).sum(1)
-    return _GroupMoments(k[:, 0] + mean_offset, jnp.maximum(m2 / total, 0), total, onehot)
+    return _GroupMoments(ref[:, 0] + mean_offset, jnp.maximum(m2 / total, 0), total, onehot)
+
+
+def _common_shift_moments(xc: Array, m: Array | None, count: Array, groups: Groups,
+                          onehot: Array, shift: Array, cfg: _Config) -> _GroupMoments:
+    """One pass shifted by the group's first sample, for `vmap` names only.
+
+    All participants live in one program, so the group's shift (its first member's,
+    or the first member holding valid data, per feature) is a slice rather than a
+    communication, and the shifted sums combine by a plain `psum`, which XLA merges
+    with the per-example reductions into one. Chan's formula over an `all_gather`
+    would cost a dozen feature-sized kernels more (measured on an H200: up to 1.27x
+    the batched style's forward on a 51 MB tensor).
+    """
+    red, names = cfg.reduction_axes, cfg.names
+    def by_group(v: Array) -> Array:  # (G, members, *v.shape)
+        gathered = all_gather(v, names)
+        return gathered[None] if groups.count == 1 else gathered[groups.members]
+
+    shifts = by_group(shift)
+    if m is None:
+        first = shifts[:, 0]
+    else:
+        # The first member with valid data in that feature: a member without any would
+        # contribute its fallback of 0, as far from the data as no shift at all.
+        has_data = by_group(count) > 0
+        pick = jnp.argmax(has_data, axis=1)[:, None]
+        first = jnp.take_along_axis(shifts, pick, axis=1)[:, 0]
+    mine = lax.stop_gradient(select(first, onehot))
+    d = xc - _expand(mine, red)
+    if m is not None:
+        d = jnp.where(m, d, 0)
+    parts = (d.sum(red), (d * d).sum(red))
+    if m is None:
+        s1, s2 = _group_sums(parts, names, onehot)
+        total = count[None] * groups.members.shape[1]
+    else:
+        s1, s2, total = _group_sums((*parts, count), names, onehot)
+    d1 = s1 / total
+    var = jnp.maximum(s2 / total - d1 * d1, 0)
+    return _GroupMoments(lax.stop_gradient(first) + d1, var, total, onehot)
 
 
 def _group_sums(parts: tuple[Array, ...], names: tuple[Hashable, ...],

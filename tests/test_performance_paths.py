@@ -371,21 +371,25 @@ def test_two_pass_variance_stays_the_two_pass_formula(strategy):
     close(got, jnp.mean(jnp.square(x - mean), (0, 1)), tol=1e-6)
 
 
-def run_across(transform, x, **kwargs):
-    """Per-participant statistics with axis_name="d": participant i holds x[i]."""
+def run_across(transform, x, mask=None, **kwargs):
+    """Per-participant statistics with axis_name="d": participant i holds x[i] (and
+    mask[i])."""
+    mask = np.ones(x.shape, bool) if mask is None else np.asarray(mask)
+    masked = not mask.all()
 
-    def stats(xi):
-        s = ebn.batch_statistics(xi, axis_name="d", **kwargs)
+    def stats(xi, mi):
+        s = ebn.batch_statistics(xi, axis_name="d", mask=mi if masked else None, **kwargs)
         return s.mean, s.var
 
     if transform == "vmap":
-        return jax.jit(jax.vmap(stats, axis_name="d"))(x)
+        return jax.jit(jax.vmap(stats, axis_name="d"))(x, mask)
     if transform == "pmap":
-        return jax.pmap(stats, axis_name="d")(x)
+        return jax.pmap(stats, axis_name="d")(x, mask)
     mesh = jax.make_mesh((x.shape[0],), ("d",))
-    f = jax.shard_map(lambda xl: jax.tree.map(lambda v: v[None], stats(xl[0])), mesh=mesh,
-                      in_specs=P("d"), out_specs=P("d"))
-    return jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("d"))))
+    f = jax.shard_map(lambda xl, ml: jax.tree.map(lambda v: v[None], stats(xl[0], ml[0])),
+                      mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d"))
+    sharding = NamedSharding(mesh, P("d"))
+    return jax.jit(f)(jax.device_put(x, sharding), jax.device_put(mask, sharding))
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["whole_axis", "groups"])
@@ -403,3 +407,25 @@ def test_variance_across_participants_is_accurate_on_offset_data(strategy, trans
         _, _, var_ref = ref_forward(x[idx], 1.0, 0.0)
         for i in idx:
             assert rel_error(var[i], var_ref) <= 1e-5, (transform, i)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "pmap", "shard_map"])
+def test_masked_variance_across_participants_when_first_members_hold_no_data(strategy,
+                                                                            transform):
+    # The shift of a group comes from a member with valid data in that feature: here the
+    # first member of each group has none at all in feature 0, the first participant
+    # none in any feature. A shift of 0 (its fallback) would cancel on this offset data.
+    groups = ((0, 1, 2, 3), (4, 5, 6, 7))
+    x = offset_data((8, 16, 4, C), 1e4, seed=24)
+    mask = np.random.default_rng(25).random((8, 16, 4, C)) < 0.7
+    mask[0] = False
+    mask[4, ..., 0] = False
+    mean, var = run_across(transform, x, mask, axis_index_groups=groups)
+    mean, var = np.asarray(mean), np.asarray(var)
+    for members in groups:
+        idx = np.asarray(members)
+        _, mean_ref, var_ref = ref_forward(x[idx], 1.0, 0.0, mask[idx])
+        for i in idx:
+            assert rel_error(var[i], var_ref) <= 1e-5, (transform, i)
+            assert np.all(np.abs(mean[i] - mean_ref) <= 1e-6 * np.abs(mean_ref)
+                          + 1e-5 * np.sqrt(var_ref)), (transform, i)
