@@ -256,6 +256,7 @@ def _common_shift_moments(xc: Array, m: Array | None, count: Array, groups: Grou
     the batched style's forward on a 51 MB tensor).
     """
     red, names = cfg.reduction_axes, cfg.names
+
     def by_group(v: Array) -> Array:  # (G, members, *v.shape)
         gathered = all_gather(v, names)
         return gathered[None] if groups.count == 1 else gathered[groups.members]
