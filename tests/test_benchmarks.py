@@ -1,0 +1,86 @@
+"""The benchmark script (`benchmarks/bench.py`): its target checks on made-up results (no
+timing), and a smoke run of its quick mode, so the documented commands keep working."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench"]
+
+
+def result(bench, shape, dtype, mode, **ratios):
+    r = bench.Result(bench.Case(shape, "NHWC", dtype), mode)
+    r.ratios = {k.replace("_over_", "/").replace("_", " "): v for k, v in ratios.items()}
+    return r
+
+
+def lines_about(report, text):
+    return [line for line in report if text in line]
+
+
+def test_gpu_forward_is_measured_against_its_floor_per_dtype(bench):
+    # float32: the floor is 1.5x the copy; bfloat16 x with a float32 y: 4/3. Tensors under
+    # 100 MB do not count (the (128, 28, 28, 256) bfloat16 one is 51 MB).
+    results = [
+        result(bench, (256, 56, 56, 64), "f32", "fwd", ours_over_copy=1.5),
+        result(bench, (256, 56, 56, 64), "bf16", "fwd", ours_over_copy=1.48),
+        result(bench, (128, 28, 28, 256), "bf16", "fwd", ours_over_copy=3.0),
+        result(bench, (256, 56, 56, 64), "f32", "fwd+bwd", ours_over_Flax=0.9),
+    ]
+    report = bench.targets(results, [], {"ratio": {}}, gpu=True)
+    (floor,) = lines_about(report, "memory floor")
+    assert floor.startswith("- [x]") and ": 90% (worst: (256, 56, 56, 64) NHWC bf16)" in floor
+    (fwd_bwd,) = lines_about(report, "fwd+bwd ours/Flax <= 0.85")
+    assert fwd_bwd.startswith("- [ ]") and "0.90x" in fwd_bwd
+    assert not lines_about(report, "eqx.nn.BatchNorm")  # a CPU target only
+
+    results[0].ratios["ours/copy"] = 1.8  # 83% of the floor
+    (floor,) = lines_about(bench.targets(results, [], {"ratio": {}}, gpu=True), "floor")
+    assert floor.startswith("- [ ]") and ": 83% (worst: (256, 56, 56, 64) NHWC f32)" in floor
+
+
+def test_cpu_targets_report_the_worst_case(bench):
+    results = [
+        result(bench, (64, 32, 32, 64), "f32", "fwd", ours_over_Flax=0.98),
+        result(bench, (256, 8, 8, 256), "f32", "fwd", ours_over_Flax=1.02),
+        result(bench, (64, 32, 32, 64), "f32", "fwd+bwd", ours_over_Flax=0.6),
+    ]
+    speed = {"shape": (8, 8), "ratio": {"|mean|/std=0": {"ours": 1.01},
+                                        "|mean|/std=10000": {"ours": 3.0}}}
+    report = bench.targets(results, [], speed)
+    (fwd,) = lines_about(report, "fwd ours/Flax <= 1.0")
+    assert fwd == "- [ ] fwd ours/Flax <= 1.0: 1.02x (worst: (256, 8, 8, 256) NHWC f32)"
+    (fwd_bwd,) = lines_about(report, "fwd+bwd ours/Flax <= 0.75")
+    assert fwd_bwd.startswith("- [x]")
+    centred, offset = lines_about(report, "accurate one-pass variance")
+    assert centred.startswith("- [x]") and offset.startswith("- [ ]")
+    assert not lines_about(report, "memory floor")  # a GPU target only
+
+
+def test_quick_mode_writes_the_report_and_the_raw_numbers(bench, tmp_path, capsys):
+    raw = tmp_path / "run.json"
+    bench.main(["--quick", "--rounds", "1", "--modes", "fwd", "--markdown", "--json",
+                str(raw)])
+    printed = capsys.readouterr().out
+    for heading in ("### Time", "### XLA temporary memory", "### Variance", "### Targets"):
+        assert heading in printed
+    assert "Command: `python benchmarks/bench.py --quick --rounds 1" in printed
+    data = json.loads(raw.read_text())
+    assert {t["case"] for t in data["timing"]} == {"(64, 32, 32, 64) NHWC f32",
+                                                  "(64, 64, 32, 32) NCHW f32"}
+    assert all(t["mode"] == "fwd" and t["times"]["ours"] > 0 for t in data["timing"])
+    assert set(data["variance_accuracy"]) == {"0", "100", "1000", "10000"}
