@@ -212,36 +212,29 @@ def _shifted_moments(x: Array, mask: Array | None, cfg: _Config) -> _GroupMoment
     # removes the cancellation.
     shift = lax.stop_gradient(first_sample(xc, red) if m is None else
                               _first_valid_sample(xc, m, red))
-    d = xc - _expand(shift, red)
-    if m is not None:
-        d = jnp.where(m, d, 0)
-    s1, s2 = d.sum(red), (d * d).sum(red)
+    if names and not across_devices(names):
+        assert groups is not None
+        return _common_shift_moments(xc, m, count, groups, onehot, shift, cfg)
+    s1, s2 = _shifted_sums(xc, m, shift, red)
     if not names:
         mean = shift + s1 / count
         var = jnp.maximum((s2 - s1 * (s1 / count)) / count, 0)
         return _GroupMoments(mean[None], var[None], count[None], onehot)
 
-    assert groups is not None
-    if not across_devices(names):
-        return _common_shift_moments(xc, m, count, groups, onehot, shift, cfg)
-
     # Chan et al.'s parallel combination, every participant relative to the shift of
     # the group's first member holding data (in that feature): only differences of
     # nearby values, no cancellation.
+    assert groups is not None
     local_mean = s1 / jnp.where(count > 0, count, 1)
     m2 = s2 - s1 * local_mean
-    summary = all_gather(jnp.stack([count, shift, local_mean, m2]), names)
-    summary = summary[None] if groups.count == 1 else summary[groups.members]
+    summary = _by_group(jnp.stack([count, shift, local_mean, m2]), names, groups)
     n, k, local_mean, m2 = (summary[:, :, i] for i in range(4))  # (G, members, *F)
-    # (Without a mask every member holds data; with one, a member without any has the
-    # fallback shift 0, as far from the data as no shift at all.)
-    ref = k[:, :1] if m is None else jnp.take_along_axis(
-        k, jnp.argmax(n > 0, axis=1)[:, None], axis=1)
-    offset = (k - ref) + local_mean
+    ref = _first_holding_data(k, None if m is None else n)
+    offset = (k - ref[:, None]) + local_mean
     total = n.sum(1)
     mean_offset = (n * offset).sum(1) / total
     m2 = m2.sum(1) + (n * jnp.square(offset - mean_offset[:, None])).sum(1)
-    return _GroupMoments(ref[:, 0] + mean_offset, jnp.maximum(m2 / total, 0), total, onehot)
+    return _GroupMoments(ref + mean_offset, jnp.maximum(m2 / total, 0), total, onehot)
 
 
 def _common_shift_moments(xc: Array, m: Array | None, count: Array, groups: Groups,
@@ -256,25 +249,9 @@ def _common_shift_moments(xc: Array, m: Array | None, count: Array, groups: Grou
     the batched style's forward on a 51 MB tensor).
     """
     red, names = cfg.reduction_axes, cfg.names
-
-    def by_group(v: Array) -> Array:  # (G, members, *v.shape)
-        gathered = all_gather(v, names)
-        return gathered[None] if groups.count == 1 else gathered[groups.members]
-
-    shifts = by_group(shift)
-    if m is None:
-        first = shifts[:, 0]
-    else:
-        # The first member with valid data in that feature: a member without any would
-        # contribute its fallback of 0, as far from the data as no shift at all.
-        has_data = by_group(count) > 0
-        pick = jnp.argmax(has_data, axis=1)[:, None]
-        first = jnp.take_along_axis(shifts, pick, axis=1)[:, 0]
-    mine = lax.stop_gradient(select(first, onehot))
-    d = xc - _expand(mine, red)
-    if m is not None:
-        d = jnp.where(m, d, 0)
-    parts = (d.sum(red), (d * d).sum(red))
+    first = _first_holding_data(_by_group(shift, names, groups),
+                                None if m is None else _by_group(count, names, groups))
+    parts = _shifted_sums(xc, m, lax.stop_gradient(select(first, onehot)), red)
     if m is None:
         s1, s2 = _group_sums(parts, names, onehot)
         total = count[None] * groups.members.shape[1]
@@ -283,6 +260,31 @@ def _common_shift_moments(xc: Array, m: Array | None, count: Array, groups: Grou
     d1 = s1 / total
     var = jnp.maximum(s2 / total - d1 * d1, 0)
     return _GroupMoments(lax.stop_gradient(first) + d1, var, total, onehot)
+
+
+def _shifted_sums(xc: Array, m: Array | None, shift: Array,
+                  red: tuple[int, ...]) -> tuple[Array, Array]:
+    """`sum(x - shift)` and `sum((x - shift)^2)` over the valid positions: one fused pass."""
+    d = xc - _expand(shift, red)
+    if m is not None:
+        d = jnp.where(m, d, 0)
+    return d.sum(red), (d * d).sum(red)
+
+
+def _by_group(v: Array, names: tuple[Hashable, ...], groups: Groups) -> Array:
+    """Every participant's `v`, arranged by group: shape `(G, members, *v.shape)`."""
+    gathered = all_gather(v, names)
+    return gathered[None] if groups.count == 1 else gathered[groups.members]
+
+
+def _first_holding_data(values: Array, counts: Array | None) -> Array:
+    """`(G, members, *F)` to `(G, *F)`: each group's first member's value or, given the
+    members' valid counts, its first member holding data in that feature. (A member
+    without any has the fallback shift 0, as far from the data as no shift at all.)"""
+    if counts is None:
+        return values[:, 0]
+    pick = jnp.argmax(counts > 0, axis=1)[:, None]
+    return jnp.take_along_axis(values, pick, axis=1)[:, 0]
 
 
 def _group_sums(parts: tuple[Array, ...], names: tuple[Hashable, ...],

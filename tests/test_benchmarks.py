@@ -1,25 +1,16 @@
 """The benchmark script (`benchmarks/bench.py`): its target checks on made-up results (no
 timing), and a smoke run of its quick mode, so the documented commands keep working."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+from _scripts import loaded
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench"]
+    with loaded("benchmarks/bench.py", "bench") as module:
+        yield module
 
 
 def result(bench, shape, dtype, mode, **ratios):

@@ -1,31 +1,23 @@
 """The main job, `examples/digits_demo.py`, run in-process: its quick mode (what CI runs) and
 the exit code that guards the full run's accuracy threshold."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from _scripts import loaded
 
 pytest.importorskip("optax")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "digits_demo.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("digits_demo", DEMO)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["digits_demo"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["digits_demo"]
+    with loaded("examples/digits_demo.py", "digits_demo") as module:
+        yield module
 
 
 def test_quick_mode_trains_both_layers_and_writes_the_plot(demo, tmp_path, capsys):
