@@ -1,7 +1,13 @@
 """`flax.linen.BatchNorm`'s semantics in Equinox's explicit-state style.
 
-Public names: `BatchNorm` (the module), its state `BatchStats`, the functional core
-(`batch_statistics`, `normalize`, `update_running_average`) and `BatchNormError`.
+Public names:
+
+- the module `BatchNorm` and its state `BatchStats`;
+- the functional core `batch_statistics` (returning `BatchStatistics`), `normalize` and
+  `update_running_average`;
+- `recompute_statistics` (precise BN), `fold_into` and `fold_sequential` (deployment);
+- the converters `from_flax`, `to_flax`, `from_torch` and `from_equinox`;
+- `BatchNormError`, the one exception raised for bad input.
 """
 
 from ._batch_norm import BatchNorm as BatchNorm
@@ -9,14 +15,14 @@ from ._batch_norm import BatchStats as BatchStats
 from ._errors import BatchNormError as BatchNormError
 from ._folding import fold_into as fold_into
 from ._folding import fold_sequential as fold_sequential
+from ._functional import BatchStatistics as BatchStatistics
+from ._functional import batch_statistics as batch_statistics
+from ._functional import normalize as normalize
+from ._functional import update_running_average as update_running_average
 from ._interop import from_equinox as from_equinox
 from ._interop import from_flax as from_flax
 from ._interop import from_torch as from_torch
 from ._interop import to_flax as to_flax
-from ._normalization import normalize as normalize
 from ._precise import recompute_statistics as recompute_statistics
-from ._statistics import BatchStatistics as BatchStatistics
-from ._statistics import batch_statistics as batch_statistics
-from ._statistics import update_running_average as update_running_average
 
 __version__ = "0.1.0"

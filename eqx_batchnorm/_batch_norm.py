@@ -1,35 +1,41 @@
-r"""`BatchNorm`: the module. It only wires the functional core to parameters and state."""
+r"""`BatchNorm`: the module. It validates its call once, then runs one compiled kernel."""
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, no_type_check
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from beartype import beartype
-from jaxtyping import Array, Float, PRNGKeyArray, Shaped, jaxtyped
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
-from ._checks import (
+from . import _moments, _normalize
+from ._errors import BatchNormError, fail
+from ._functional import running_average
+from ._participants import like_running
+from ._validate import (
     as_axis_tuple,
+    as_names,
     canonical_feature_axes,
+    check_annotations,
     check_axis_index_groups,
     check_axis_name,
-    check_call_types,
+    check_call_bound,
     check_callable,
     check_flag,
     check_float_input,
     check_mask,
     check_num_features,
     check_optional_flag,
+    check_participants,
+    check_reducible,
+    check_running_stays_unmapped,
     check_scalar,
+    check_state_on_mesh,
+    check_vmap_batch_unsharded,
     feature_order,
-    with_argument_checks,
 )
-from ._collectives import like_running
-from ._errors import BatchNormError, fail
-from ._normalization import normalize, output_dtype
-from ._statistics import batch_statistics, update_running_average
 
 Initializer = Callable[..., Array]
 
@@ -81,12 +87,6 @@ def _works_with_a_key(init: Initializer, shape: tuple[int, ...], dtype: Any) -> 
     return True
 
 
-# The constructor validates every argument itself, with errors that name the argument
-# and the fix. `no_type_check` keeps jaxtyping's test-time import hook from wrapping it
-# in a beartype check that would run first, refusing `momentum=0` (an int) and turning
-# `num_features=3.0` into a page-long `TypeCheckError`. `__call__` keeps its explicit
-# jaxtyping + beartype check, behind `with_argument_checks`.
-@no_type_check
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Batch normalisation with exactly `flax.linen.BatchNorm`'s semantics, in Equinox's
     explicit-state style.
@@ -251,8 +251,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.state_index = eqx.nn.StateIndex(BatchStats(
             jnp.zeros(self.feature_shape, stat_dtype), jnp.ones(self.feature_shape, stat_dtype)))
 
-    @with_argument_checks(check_call_types)
-    @jaxtyped(typechecker=beartype)
     def __call__(
         self,
         x: Shaped[Array | np.ndarray, "*shape"],
@@ -298,80 +296,135 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         del key
         check_float_input(x)
-        x = jnp.asarray(x)
-        axes = as_axis_tuple(self.axis)
-        feature_axes = canonical_feature_axes(axes, x.ndim, x.shape)
-        got = tuple(x.shape[a] for a in feature_axes)
+        if not isinstance(state, eqx.nn.State):
+            raise fail("state", "an `eqx.nn.State`", f"{type(state).__name__}",
+                       "pass the state from `eqx.nn.make_with_state(ebn.BatchNorm)(...)`, "
+                       "or the one returned by the previous call")
+        shape = tuple(x.shape)
+        if mask is not None:
+            check_mask(mask, shape)
+        r_max = check_call_bound("renorm_r_max", renorm_r_max, 1.0)
+        d_max = check_call_bound("renorm_d_max", renorm_d_max, 0.0)
+        check_annotations("BatchNorm.__call__", _CALL_HINTS,
+                          {"x": x, "mask": mask, "renorm_r_max": r_max, "renorm_d_max": d_max})
+        feature_axes = canonical_feature_axes(as_axis_tuple(self.axis), x.ndim, shape)
+        got = tuple(shape[a] for a in feature_axes)
         if got != self.feature_shape:
             raise fail("x", f"size(s) {self.feature_shape} on the feature axis "
-                       f"`axis={self.axis}`", f"shape {x.shape}, which has {got} there",
+                       f"`axis={self.axis}`", f"shape {shape}, which has {got} there",
                        "pass `x` with the features on `axis` (under `jax.vmap`, `x` is "
                        "one example: use `axis=0` for channels-first), or construct "
                        f"`BatchNorm({got[0] if len(got) == 1 else got}, ...)`")
-        if mask is not None:
-            check_mask(mask, x.shape)
-            mask = jnp.asarray(mask)
         running = _get_running(state, self)
-        use_running = _merge_flags("inference", inference, use_running_average,
-                                   default=_field_flag(self.inference))
-        update = (not use_running) if update_stats is None else bool(update_stats)
-
-        stats = None
-        if not use_running or update:
-            stats = batch_statistics(
-                x, self.axis, mask=mask, axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
-                use_fast_variance=self.use_fast_variance, dtype=self.dtype,
-                force_float32_reductions=self.force_float32_reductions)
-
-        if not self.renorm and (renorm_r_max is not None or renorm_d_max is not None):
-            raise fail("renorm_r_max" if renorm_r_max is not None else "renorm_d_max",
+        use_running = _merge_flags(
+            "inference", check_optional_flag("inference", inference),
+            check_optional_flag("use_running_average", use_running_average),
+            default=_field_flag(self.inference))
+        update_stats = check_optional_flag("update_stats", update_stats)
+        update = (not use_running) if update_stats is None else update_stats
+        if not self.renorm and (r_max is not None or d_max is not None):
+            raise fail("renorm_r_max" if r_max is not None else "renorm_d_max",
                        "no per-call renorm bound on a layer built with `renorm=False`",
-                       f"renorm_r_max={renorm_r_max}, renorm_d_max={renorm_d_max}",
+                       f"renorm_r_max={r_max}, renorm_d_max={d_max}",
                        "construct the layer with `BatchNorm(..., renorm=True)`, or drop "
                        "the bound")
-        scale, bias = self.scale, self.bias
-        if use_running:
-            mean, var = running.mean, running.var
-            if not self.force_float32_reductions:
-                mean, var = mean.astype(self.param_dtype), var.astype(self.param_dtype)
-        else:
-            assert stats is not None
-            mean, var = stats.mean, stats.var
-            if self.renorm:
-                scale, bias = self._renorm_affine(mean, var, running, renorm_r_max,
-                                                  renorm_d_max)
-        y = normalize(x, mean, var, scale, bias, axis=self.axis, epsilon=self.epsilon,
-                      dtype=output_dtype(x, self.scale, self.bias, self.dtype))
-
+        names = as_names(self.axis_name)
+        moments = None
+        if not use_running or update:
+            check_reducible(shape, feature_axes, bool(names))
+            check_participants(names, self.axis_index_groups)
+            check_vmap_batch_unsharded(x, names)
+            moments = _moments.Config(
+                tuple(a for a in range(x.ndim) if a not in feature_axes), names,
+                self.axis_index_groups, _moments.estimator(self.use_fast_variance),
+                _moments.statistics_dtype(x.dtype, self.dtype, self.force_float32_reductions))
         if update:
-            assert stats is not None
-            new_mean = update_running_average(
-                running.mean, like_running(stats.axis_mean, running.mean), self.momentum)
-            new_var = update_running_average(
-                running.var, like_running(stats.axis_var, running.var), self.momentum)
-            if self.skip_nonfinite_updates:
-                ok = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
-                new_mean = jnp.where(ok, new_mean, running.mean)
-                new_var = jnp.where(ok, new_var, running.var)
-            state = state.set(self.state_index, BatchStats(new_mean, new_var))
+            check_running_stays_unmapped(x, running.mean, names)
+            check_state_on_mesh(x, running.mean)
+        renorm = self.renorm and not use_running
+        plan = _Plan(
+            moments=moments,
+            norm=_normalize.Config(
+                tuple(s if a in feature_axes else 1 for a, s in enumerate(shape)),
+                self.epsilon, _normalize.output_dtype(x, self.scale, self.bias, self.dtype),
+                _normalize.backward_form()),
+            use_running=use_running, update=update, renorm=renorm,
+            momentum=self.momentum, skip_nonfinite=self.skip_nonfinite_updates,
+            running_dtype=None if self.force_float32_reductions else self.param_dtype)
+        bounds = ((self.renorm_r_max if r_max is None else r_max,
+                   self.renorm_d_max if d_max is None else d_max) if renorm else (None, None))
+        y, new = _forward(plan, x, mask, self.scale, self.bias, running.mean, running.var,
+                          *bounds)
+        if update:
+            state = state.set(self.state_index, BatchStats(*new))
         return y, state
 
-    def _renorm_affine(self, mean, var, running, r_max, d_max):
-        """Batch renormalisation as an affine correction. With stop-gradient r and d,
-        ((x - mu_b) / s_b * r + d) * gamma + beta
-        == (x - mu_b) / s_b * (gamma r) + (gamma d + beta).
-        """
-        r_max = self.renorm_r_max if r_max is None else r_max
-        d_max = self.renorm_d_max if d_max is None else d_max
-        sg = jax.lax.stop_gradient
-        std_b = jnp.sqrt(sg(var) + self.epsilon)
-        std_r = jnp.sqrt(running.var.astype(std_b.dtype) + self.epsilon)
-        r = sg(jnp.clip(std_b / std_r, 1 / r_max, r_max))
-        d = sg(jnp.clip((sg(mean) - running.mean) / std_r, -d_max, d_max))
-        gamma = self.scale if self.scale is not None else jnp.ones((), r.dtype)
-        beta = self.bias if self.bias is not None else jnp.zeros((), d.dtype)
-        return gamma * r, gamma * d + beta
+
+_CALL_HINTS = {
+    "x": Shaped[Array | np.ndarray, "*shape"],
+    "mask": Shaped[Array | np.ndarray, "..."],
+    "renorm_r_max": float | Float[Array | np.ndarray, ""],
+    "renorm_d_max": float | Float[Array | np.ndarray, ""],
+}
+
+
+class _Plan(NamedTuple):
+    """Everything static about one call: the key of `_forward`'s compilation cache."""
+
+    moments: _moments.Config | None  # None: no batch statistics needed
+    norm: _normalize.Config
+    use_running: bool  # normalise with the running statistics
+    update: bool  # update the running statistics
+    renorm: bool
+    momentum: float
+    skip_nonfinite: bool
+    running_dtype: Any  # what the running statistics normalise in (None: as stored)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(plan: _Plan, x, mask, scale, bias, mean_r, var_r, r_max, d_max):
+    """One call of the layer on validated arguments: `(y, (new_mean, new_var) or None)`.
+
+    Compiled once per plan and shapes, so un-jitted calls do not recompile, and traced
+    once per plan inside a jitted model however many layers share it.
+    """
+    stats = None if plan.moments is None else _moments.moments(x, mask, plan.moments)
+    if plan.use_running:
+        mean, var = mean_r, var_r
+        if plan.running_dtype is not None:
+            mean, var = mean.astype(plan.running_dtype), var.astype(plan.running_dtype)
+    else:
+        assert stats is not None
+        mean, var = stats[0], stats[1]
+        if plan.renorm:
+            scale, bias = _renorm_affine(plan.norm.epsilon, mean, var, mean_r, var_r,
+                                         scale, bias, r_max, d_max)
+    y = _normalize.normalize_kernel(plan.norm, x, mean, var, scale, bias)
+    if not plan.update:
+        return y, None
+    assert stats is not None
+    new_mean = running_average(mean_r, like_running(stats[2], mean_r), plan.momentum)
+    new_var = running_average(var_r, like_running(stats[3], var_r), plan.momentum)
+    if plan.skip_nonfinite:
+        ok = jnp.isfinite(new_mean) & jnp.isfinite(new_var)
+        new_mean = jnp.where(ok, new_mean, mean_r)
+        new_var = jnp.where(ok, new_var, var_r)
+    return y, (new_mean, new_var)
+
+
+def _renorm_affine(epsilon, mean, var, mean_r, var_r, scale, bias, r_max, d_max):
+    """Batch renormalisation as an affine correction. With stop-gradient r and d,
+    ((x - mu_b) / s_b * r + d) * gamma + beta
+    == (x - mu_b) / s_b * (gamma r) + (gamma d + beta).
+    """
+    sg = jax.lax.stop_gradient
+    std_b = jnp.sqrt(sg(var) + epsilon)
+    std_r = jnp.sqrt(var_r.astype(std_b.dtype) + epsilon)
+    r = sg(jnp.clip(std_b / std_r, 1 / r_max, r_max))
+    d = sg(jnp.clip((sg(mean) - mean_r) / std_r, -d_max, d_max))
+    gamma = scale if scale is not None else jnp.ones((), r.dtype)
+    beta = bias if bias is not None else jnp.zeros((), d.dtype)
+    return gamma * r, gamma * d + beta
 
 
 def _merge_flags(name: str, equinox_flag: bool | None, flax_flag: bool | None,

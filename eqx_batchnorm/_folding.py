@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._batch_norm import BatchNorm, _get_running
-from ._checks import as_axis_tuple
 from ._errors import fail
+from ._validate import as_axis_tuple
 
 __all__ = ["fold_into", "fold_sequential"]
 

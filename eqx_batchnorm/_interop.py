@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ._batch_norm import BatchNorm, BatchStats, _get_running
-from ._checks import check_scalar
 from ._errors import fail
+from ._validate import check_scalar
 
 __all__ = ["from_equinox", "from_flax", "from_torch", "to_flax"]
 

@@ -27,7 +27,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqx_batchnorm as ebn
-import eqx_batchnorm._statistics as statistics
+import eqx_batchnorm._backend as backend
 
 N = 8  # participants: devices, or examples under vmap
 LOCAL = (4, 2, 3)  # what one participant holds: (rows, positions, features)
@@ -48,7 +48,7 @@ MESH = jax.make_mesh((N,), ("d",))  # explicit axes: JAX's default
 def fast(request, monkeypatch):
     """`use_fast_variance` for a mode of VARIANCE (indirect parametrisation)."""
     if request.param == "shifted":
-        monkeypatch.setattr(statistics, "strategy", lambda forced: forced or "default")
+        monkeypatch.setattr(backend, "platform", lambda: "accelerator")
     return request.param != "two_pass"
 
 

@@ -5,7 +5,7 @@ Two implementations run on this CPU, through the fixture `strategy`:
 - "cpu" (what XLA:CPU traces): plain one-pass sums checked for cancellation, with a
   shifted second pass under `lax.cond` where the mean dwarfs the spread; backward
   reduction `sum(ct * x) - mean * sum(ct)`;
-- "default" (what GPUs and TPUs trace): one pass shifted by a sample, participants
+- "accelerator" (what GPUs and TPUs trace): one pass shifted by a sample, participants
   combined with Chan's formula; backward reduction `sum(ct * (x - mean))`.
 
 Checked: gradients against a float64 NumPy reference and against JAX autodiff of the
@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqx_batchnorm as ebn
-import eqx_batchnorm._normalization as normalization
-import eqx_batchnorm._statistics as statistics
+import eqx_batchnorm._backend as backend
 
 EPS = 1e-5
 C = 3
@@ -36,15 +35,10 @@ BIAS = np.array([0.1, -0.2, 0.3], np.float32)
 TOL = 2e-5  # the Flax-parity tolerance, relative to the largest magnitude
 
 
-@pytest.fixture(params=["cpu", "default"])
+@pytest.fixture(params=["cpu", "accelerator"])
 def strategy(request, monkeypatch):
-    """Force one implementation of the reductions, whatever the backend."""
-
-    def pick(forced):
-        return forced or request.param
-
-    monkeypatch.setattr(statistics, "strategy", pick)
-    monkeypatch.setattr(normalization, "_strategy", pick)
+    """Force the kernels of one kind of backend, whatever the backend."""
+    monkeypatch.setattr(backend, "platform", lambda: request.param)
     return request.param
 
 

@@ -1,29 +1,30 @@
-"""Argument checks shared by the functional core and the module.
+"""The checks at the public boundary: arguments in, canonical values out.
 
-Every check runs on static information (shapes, dtypes, Python values), so it costs
-nothing once a function is traced: errors surface at construction or trace time.
+Each public entry point (the constructor, `BatchNorm.__call__`, `batch_statistics`,
+`normalize`, `update_running_average`, the converters) runs these once, then calls
+private kernels that trust their inputs. Every check runs on static information
+(shapes, dtypes, Python values, the names bound by the enclosing transforms), so errors
+surface at construction or trace time and jitted code pays nothing.
+
+The array annotations of the public functions are checked here too, by beartype with
+jaxtyping's shape memo (`check_annotations`), and reported in the library's one format.
 """
 
-import functools
-import inspect
 import math
-import re
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from beartype.door import is_bearable
+from jax import lax
 from jax.core import Tracer
-from jaxtyping import TypeCheckError
+from jaxtyping import jaxtyped
 
 from ._errors import fail
+from ._participants import manual_axes, unbound_axis_name
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-Axis = int | tuple[int, ...]
 AxisName = Hashable | tuple[Hashable, ...] | None
 
 
@@ -120,11 +121,8 @@ def _short_repr(value: Any, limit: int = 60) -> str:
 
 def check_float_input(x: Any, argument: str = "x") -> None:
     check_array(argument, x)
-    try:
-        dtype = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
-    except TypeError:  # e.g. a NumPy array of strings or objects
-        dtype = getattr(x, "dtype", type(x).__name__)
-    if not (isinstance(dtype, np.dtype) and jnp.issubdtype(dtype, jnp.floating)):
+    dtype = x.dtype  # a NumPy dtype, also for strings and objects
+    if not jnp.issubdtype(dtype, jnp.floating):
         hint = ("complex inputs are not supported; normalise the real and imaginary "
                 "parts separately" if jnp.issubdtype(dtype, jnp.complexfloating)
                 else f"cast first, e.g. `{argument}.astype(jnp.float32)`")
@@ -308,61 +306,151 @@ def check_reducible(shape: tuple[int, ...], feature_axes: tuple[int, ...],
                    "(`inference=True`)")
 
 
-def check_call_types(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Checks the types of `BatchNorm.__call__`'s arguments before its annotations are.
-
-    Returns the arguments with flags normalised to Python bools (`np.True_` passes).
-    """
-    out = dict(arguments)
-    check_array("x", out["x"])
-    if not isinstance(out["state"], eqx.nn.State):
-        raise fail("state", "an `eqx.nn.State`", f"{type(out['state']).__name__} "
-                   f"{_short_repr(out['state'])}", "pass the state from "
-                   "`eqx.nn.make_with_state(ebn.BatchNorm)(...)`, or the one returned by "
-                   "the previous call")
-    if out.get("mask") is not None:
-        check_array("mask", out["mask"], "boolean")
-    for name in ("inference", "use_running_average", "update_stats"):
-        if name in out:
-            out[name] = check_optional_flag(name, out[name])
-    for name, low in (("renorm_r_max", 1.0), ("renorm_d_max", 0.0)):
-        if name in out:
-            out[name] = check_call_bound(name, out[name], low)
-    return out
+def as_names(axis_name: AxisName) -> tuple[Hashable, ...]:
+    if axis_name is None:
+        return ()
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
 
 
-_PARAMETER = re.compile(r"parameter '(\w+)'")
-_ACTUAL = re.compile(r"Actual value: (.*)")
-_EXPECTED = re.compile(r"Expected type: (.*)")
+def check_participants(names: tuple[Hashable, ...],
+                       groups: tuple[tuple[int, ...], ...] | None) -> None:
+    """Every name is bound, the groups partition the axis, and JAX can reduce over the
+    names here."""
+    size = 1
+    for name in names:
+        try:
+            size *= int(lax.axis_size(name))
+        except NameError:
+            raise unbound_axis_name(name) from None
+    if groups is not None:
+        check_groups_cover(groups, size, names[0] if len(names) == 1 else names)
+    manual = manual_axes()
+    vmapped = [n for n in names if n not in manual]
+    if vmapped and manual and _tracks_replication(next(iter(manual))):
+        # JAX 0.10's replication checker fails on any collective over a `vmap` name
+        # inside `shard_map` (an internal AssertionError); say what to do instead.
+        raise fail(
+            "axis_name", "`vmap` names to be reduced over only outside `jax.shard_map`, "
+            "or inside one built with `check_vma=False`",
+            f"the `vmap` name(s) {tuple(vmapped)!r} inside a `jax.shard_map` over "
+            f"{tuple(sorted(map(str, manual)))!r} with `check_vma=True`",
+            "build the shard_map with `jax.shard_map(..., check_vma=False)` (JAX cannot "
+            "check replication across `vmap` names), or use the batched style inside "
+            "shard_map: `BatchNorm(..., axis_name=<mesh axis>)` on the local batch",
+        )
 
 
-def with_argument_checks(check: Callable[[dict[str, Any]], dict[str, Any]]):
-    """Runs `check` on the bound arguments first, and turns any annotation failure left
-    (jaxtyping's `TypeCheckError`, a page of text) into a `BatchNormError` naming the
-    argument."""
+def _tracks_replication(mesh_name: Hashable) -> bool:
+    """Whether the enclosing `shard_map` checks replication (`check_vma=True`)."""
+    aval = jax.typeof(lax.axis_index(mesh_name))
+    mat = getattr(aval, "mat", None)  # JAX >= 0.10; older JAX spells it `vma`
+    varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+    return bool(varying)
 
-    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-        signature = inspect.signature(fn)
 
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            bound = signature.bind(*args, **kwargs)
-            bound.arguments.update(check(dict(bound.arguments)))
-            try:
-                return fn(*bound.args, **bound.kwargs)
-            except TypeCheckError as e:
-                text = str(e)
-                if f"{fn.__qualname__}." not in text.split("\n", 1)[0]:
-                    raise  # a check of something this function calls: not the caller's
-                name = _PARAMETER.search(text)
-                actual, expected = _ACTUAL.search(text), _EXPECTED.search(text)
-                raise fail(name.group(1) if name else "arguments",
-                           expected.group(1).rstrip(".") if expected
-                           else "the annotated type",
-                           _short_repr(actual.group(1), 120) if actual else "another type",
-                           f"see the annotations of `{fn.__qualname__}`") from None
+def _vmap_levels(value: Any) -> list[tuple[Any, Any, int]]:
+    """`(trace, mapped value, batch axis)` for each `vmap` that maps `value`, innermost
+    first; empty outside `vmap`. Reads JAX's tracers: a courtesy check, so another JAX
+    layout only turns it off."""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:
+        return []
+    levels = []
+    while isinstance(value, BatchTracer):
+        if value.batch_dim is not None:  # None: not mapped at this level
+            levels.append((value._trace, value.val, value.batch_dim))
+        value = value.val
+    return levels
 
-        return wrapper
 
-    return decorate
+def _level_name(trace: Any) -> Any:
+    return getattr(getattr(trace, "axis_data", None), "name", None)
 
+
+def check_vmap_batch_unsharded(x: Any, names: tuple[Hashable, ...]) -> None:
+    """JAX 0.10 cannot lower a `psum` over a `vmap` axis whose batch dimension is
+    sharded over an explicit mesh (a raw "Sharding spec ... does not evenly divide"
+    `ValueError`); refuse it with the ways that work."""
+    for trace, mapped, axis in _vmap_levels(x):
+        name = _level_name(trace)
+        if name not in names:
+            continue
+        sharding = jax.typeof(mapped).sharding
+        spec = tuple(sharding.spec) + (None,) * (mapped.ndim - len(sharding.spec))
+        if sharding.mesh.empty or spec[axis] is None or (
+                jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types):
+            continue
+        raise fail(
+            "axis_name", f"a `jax.vmap` axis {name!r} whose examples are not sharded over "
+            "an explicit mesh (JAX cannot yet reduce over such an axis)",
+            f"the examples sharded as {spec[axis]!r} over the mesh "
+            f"{dict(sharding.mesh.shape)} with `AxisType.Explicit` axes",
+            "make the mesh with `axis_types=(jax.sharding.AxisType.Auto,)`, or use the "
+            "batched style on the whole sharded batch (`BatchNorm(C, axis=1)` on "
+            "(N, C, H, W), `axis_name=None`: XLA's partitioner makes the statistics "
+            "global), or `jax.shard_map` with `BatchNorm(..., axis_name=<mesh axis>)`")
+
+
+def check_running_stays_unmapped(x: Any, running: Any, names: tuple[Hashable, ...]) -> None:
+    """Refuses a training call whose running statistics would come out mapped by a
+    `jax.vmap` that the state is not mapped by: per-example statistics, which JAX then
+    reports as a confusing `out_axes` error once the call returns."""
+    state_levels = [trace for trace, _, _ in _vmap_levels(running)]
+    for level, _, _ in _vmap_levels(x):
+        name = _level_name(level)
+        if level in state_levels or name in names:
+            continue
+        named = isinstance(name, str)
+        under = (f"`jax.vmap(..., axis_name={name!r})`" if named
+                 else "a `jax.vmap` without `axis_name`")
+        want = repr(name) if named else "'batch'"
+        raise fail(
+            "axis_name", "the name of the `jax.vmap` that maps `x`, so that the statistics "
+            "are taken across its examples",
+            f"axis_name={names[0] if len(names) == 1 else (names or None)!r} under {under}"
+            ", which would give every example its own running statistics",
+            f"construct the layer with `BatchNorm(..., axis_name={want})` and call it "
+            f"under `jax.vmap(bn, axis_name={want}, in_axes=(0, None), out_axes=(0, "
+            "None))(xs, state)`; for one set of statistics per mapped model on purpose "
+            "(an ensemble), map the state too: `in_axes=(0, 0), out_axes=(0, 0)`")
+
+
+def check_state_on_mesh(x: Any, running: Any) -> None:
+    """A batch sharded over an explicit mesh gives statistics typed on that mesh, which
+    a state on no mesh cannot take (`eqx.nn.State.set` compares shardings)."""
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return
+    if jax.typeof(running).sharding.mesh.empty:
+        raise fail(
+            "state", "running statistics placed on the mesh of the batch "
+            f"({dict(mesh.shape)}), since the batch is sharded over it",
+            "a state on no mesh (e.g. fresh from `eqx.nn.make_with_state`)",
+            "replicate model and state on the mesh inside the jitted step: `model, state "
+            "= eqx.filter_shard((model, state), NamedSharding(mesh, P()))`, or "
+            "`jax.device_put` them with that sharding beforehand",
+        )
+
+
+def describe(value: Any) -> str:
+    """A short description of an argument, for messages."""
+    if isinstance(value, jax.Array | np.ndarray):
+        kind = "NumPy array" if isinstance(value, np.ndarray) else "array"
+        return f"a {kind} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {_short_repr(value)}"
+
+
+def check_annotations(function: str, hints: dict[str, Any], values: dict[str, Any]) -> None:
+    """Checks `values` against the jaxtyping annotations `hints` with beartype, sharing
+    one shape memo (so `*features` means the same shape everywhere), and reports the
+    first mismatch naming the argument."""
+    with jaxtyped("context"):
+        for name, value in values.items():
+            hint = hints[name]
+            if value is not None and not is_bearable(value, hint):
+                expected = getattr(hint, "__name__", None) or repr(hint)
+                raise fail(name, expected.replace("jaxlib._jax.Array", "Array"),
+                           describe(value),
+                           f"see the annotations of `{function}`: arguments annotated "
+                           "with the same dimension names must agree in shape")
