@@ -233,7 +233,10 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
       input's dtype. `dtype=None` therefore becomes `dtype=float32` (or `param_dtype`
       where that is wider), which gives NNX's output dtype and precision for every
       input up to float32. (A float64 input under `jax_enable_x64` would be returned as
-      float64 by NNX: pass `dtype=None` to keep that.)
+      float64 by NNX: pass `dtype=None` to keep that.) With an explicit half-precision
+      `dtype`, NNX also rounds the input to it before taking the statistics; here (as
+      in linen) they are taken from the input as given, which differs by about one
+      unit of that rounding.
     - NNX keeps no initialisers after construction (`scale_init`, `bias_init` keep this
       library's defaults unless overridden) and no parameter metadata (e.g. sharding
       annotations), which is dropped. NNX always reduces in at least float32, as
