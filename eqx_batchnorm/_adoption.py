@@ -67,7 +67,9 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
     or copies sharing one state entry, as Equinox identifies state) stays shared: one
     converted layer, one state entry.
 
-    Training then follows Flax's conventions, as after `from_equinox`.
+    Training then follows Flax's conventions, as after `from_equinox`. An optimiser
+    state made for the old model (optax's mirrors the model's pytree) must be made
+    afresh for the new one, whose batch norms have another type.
 
     !!! Example
 
