@@ -11,7 +11,9 @@ NNX holds one feature axis and always reduces in at least float32: a configurati
 a tuple of feature axes is compared on a single axis, and one without
 `force_float32_reductions` with it. Where `dtype=None`, NNX promotes a half-precision input
 to its float32 statistics and returns float32: `from_nnx` gives ours `dtype=float32` to
-match, so the output dtypes agree on every configuration.
+match, so the output dtypes agree on every configuration. With an explicit half-precision
+`dtype`, NNX rounds the input to it before taking statistics (linen and ours do not): the
+running statistics are compared to one unit of that rounding there.
 """
 
 import dataclasses
