@@ -10,6 +10,9 @@ Public names:
 - `BatchNormError`, the one exception raised for bad input.
 """
 
+from ._adoption import from_equinox_model as from_equinox_model
+from ._adoption import from_nnx as from_nnx
+from ._adoption import to_nnx as to_nnx
 from ._batch_norm import BatchNorm as BatchNorm
 from ._batch_norm import BatchStats as BatchStats
 from ._errors import BatchNormError as BatchNormError

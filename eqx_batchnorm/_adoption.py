@@ -1,0 +1,405 @@
+r"""Adoption in one call: a whole Equinox model, and Flax's NNX `BatchNorm`.
+
+`from_equinox_model` swaps every `eqx.nn.BatchNorm` of a model at once (each one through
+`from_equinox`) and rebuilds the `eqx.nn.State` around them; `from_nnx` / `to_nnx` move one
+`flax.nnx.BatchNorm`, whose statistics live in `nnx.BatchStat` variables rather than in
+linen's `variables` dict. Flax stays optional: it is imported inside the NNX functions.
+"""
+
+from typing import Any, no_type_check
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._batch_norm import BatchNorm
+from ._errors import fail
+from ._interop import from_equinox, from_flax, to_flax
+
+__all__ = ["from_equinox_model", "from_nnx", "to_nnx"]
+
+
+# ----------------------------------------------------------------------------- Equinox
+
+
+def _is_eqx_bn(x: Any) -> bool:
+    return isinstance(x, eqx.nn.BatchNorm)
+
+
+def _indices(layer: eqx.nn.BatchNorm) -> tuple[eqx.nn.StateIndex, eqx.nn.StateIndex]:
+    """(the index of the running statistics, the auxiliary one) of either mode."""
+    if layer.mode == "ema":
+        main, aux = layer.ema_state_index, layer.ema_first_time_index
+    else:
+        main, aux = layer.batch_state_index, layer.batch_counter
+    assert main is not None and aux is not None
+    return main, aux
+
+
+def _init_was_deleted(index: eqx.nn.StateIndex) -> bool:
+    """Whether `eqx.nn.delete_init_state` (as `make_with_state` calls it) stripped `index`.
+
+    Equinox marks a deleted initial state with a private sentinel module; its type is read
+    off a freshly stripped index rather than imported, and compared by type because a
+    `tree_map` or `jit` over the model rebuilds the sentinel as a new instance.
+    """
+    stripped = eqx.nn.delete_init_state(eqx.nn.StateIndex(0)).init
+    return type(index.init) is type(stripped)
+
+
+# `no_type_check`: the checks below name the argument and the fix, where the jaxtyping
+# import hook of the test suite would otherwise raise a beartype error first.
+@no_type_check
+def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
+    r"""Converts every `eqx.nn.BatchNorm` of a model at once, and its state.
+
+    Each `eqx.nn.BatchNorm` anywhere in `model` (in modules, `eqx.nn.Sequential`, lists,
+    tuples, dicts, at any depth) is replaced by the `BatchNorm` that `from_equinox` makes
+    of it: per example, channels first (`axis=0`), the same `axis_name`, `eps`,
+    `momentum`, `inference` flag and affine parameters, and the same inference output in
+    either `mode` (`"batch"`'s bias correction folded into the running statistics).
+    Every other leaf is kept as it is.
+
+    The returned state holds every entry of `state` that is not a converted layer's
+    (other stateful layers, e.g. `eqx.nn.SpectralNorm`, keep theirs) plus the converted
+    statistics, each under the key of the layer it replaces, so the layer order of the
+    state is kept. A layer that appears in several places of the model (the same object,
+    or copies sharing one state entry, as Equinox identifies state) stays shared: one
+    converted layer, one state entry.
+
+    Training then follows Flax's conventions, as after `from_equinox`. An optimiser
+    state made for the old model (optax's mirrors the model's pytree) must be made
+    afresh for the new one, whose batch norms have another type.
+
+    !!! Example
+
+        ```python
+        class Net(eqx.Module):
+            blocks: list
+            head: eqx.nn.Linear
+
+            def __init__(self, key):
+                k1, k2, k3 = jax.random.split(key, 3)
+                self.blocks = [
+                    eqx.nn.Sequential([eqx.nn.Conv2d(3, 8, 3, padding=1, key=k1),
+                                       eqx.nn.BatchNorm(8, "batch", mode="batch")]),
+                    eqx.nn.Sequential([eqx.nn.Conv2d(8, 8, 3, padding=1, key=k2),
+                                       eqx.nn.BatchNorm(8, "batch", mode="batch")]),
+                ]
+                self.head = eqx.nn.Linear(8, 10, key=k3)
+
+            def __call__(self, x, state):
+                for block in self.blocks:
+                    x, state = block(x, state)
+                    x = jax.nn.relu(x)
+                return self.head(x.mean((1, 2))), state
+
+        model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+        model, state = ebn.from_equinox_model(model, state)   # every BatchNorm at once
+
+        @eqx.filter_jit
+        def forward(model, xs, state):
+            return jax.vmap(model, axis_name="batch", in_axes=(0, None),
+                            out_axes=(0, None))(xs, state)
+
+        xs = jax.random.normal(jax.random.key(1), (4, 3, 8, 8))
+        logits, state = forward(model, xs, state)              # a training step
+        ```
+
+    **Arguments:**
+
+    - `model`: any PyTree holding `eqx.nn.BatchNorm` layers.
+    - `state`: the `eqx.nn.State` holding their statistics (from
+      `eqx.nn.make_with_state`, or the latest call of the model).
+
+    **Returns:**
+
+    `(model, state)`: the model with `BatchNorm`s in place of the `eqx.nn.BatchNorm`s,
+    and a new `eqx.nn.State` for it. `state` itself is left usable.
+
+    **Raises:**
+
+    `BatchNormError` if `model` holds no `eqx.nn.BatchNorm`, if `state` is not an
+    `eqx.nn.State`, is an old one (already passed to `.set`), or lacks the entries of
+    one of the layers, or if two layers share a state entry without having the same
+    shape and mode.
+    """
+    if not isinstance(state, eqx.nn.State):
+        raise fail("state", "the `eqx.nn.State` of `model`", type(state).__name__,
+                   "pass `(model, state)` as `eqx.nn.make_with_state` returned them")
+    try:
+        # The pytree protocol of `State` gives its keys (the `StateIndex` markers) and
+        # values in order; `eqx.nn.State(new_model)` cannot be used instead, because
+        # `make_with_state` strips the initial states it would read.
+        values, keys = state.tree_flatten()
+    except ValueError as e:  # Equinox invalidates a state once `.set` was called on it
+        raise fail("state", "the latest state of the model",
+                   "an old state (one already passed to `.set` or to a layer)",
+                   "pass the state returned by the model's last call") from e
+    entries = dict(zip(keys, values, strict=True))
+
+    path_leaves, treedef = jtu.tree_flatten_with_path(model, is_leaf=_is_eqx_bn)
+    layers = [(path, leaf) for path, leaf in path_leaves if _is_eqx_bn(leaf)]
+    if not layers:
+        already = any(isinstance(leaf, BatchNorm) for leaf in
+                      jtu.tree_leaves(model, is_leaf=lambda x: isinstance(x, BatchNorm)))
+        raise fail("model", "a model holding at least one `eqx.nn.BatchNorm`",
+                   f"a {type(model).__name__} with none",
+                   "its batch norms are already `eqx_batchnorm.BatchNorm`s: use it as it is"
+                   if already else "pass the model that holds the `eqx.nn.BatchNorm` "
+                   "layers; for one layer on its own, use `from_equinox`")
+
+    by_object: dict[int, BatchNorm] = {}
+    # Equinox identifies state by the marker of a `StateIndex`, not by object: copies of
+    # one layer (e.g. after a `tree_map`) share an entry, and must keep sharing it.
+    by_marker: dict[Any, tuple[eqx.nn.BatchNorm, eqx.nn.StateIndex]] = {}
+    converted: dict[Any, Any] = {}  # marker -> the converted statistics
+    removed: set[Any] = set()
+    for path, layer in layers:
+        if id(layer) in by_object:
+            continue
+        where = f"`model{jtu.keystr(path)}`"
+        main, aux = _indices(layer)
+        missing = [i for i in (main, aux) if i.marker not in entries]
+        if missing:
+            raise fail("state", "the `eqx.nn.State` made together with `model`",
+                       f"a state without the statistics of the eqx.nn.BatchNorm at {where}",
+                       "pass the state that `eqx.nn.make_with_state` returned with this "
+                       "model, or the one returned by its last call")
+        if main.marker in by_marker:
+            first, index = by_marker[main.marker]
+            if (first.input_size, first.mode) != (layer.input_size, layer.mode):
+                raise fail("model", "layers sharing a state entry to have one shape and mode",
+                           f"the eqx.nn.BatchNorm at {where} ({layer.input_size} features, "
+                           f"mode={layer.mode!r}) sharing with one of {first.input_size} "
+                           f"features, mode={first.mode!r}",
+                           "give each layer its own `eqx.nn.StateIndex`")
+        else:
+            index = None
+        bn, bn_state = from_equinox(layer, state)
+        if index is None:
+            stats = bn_state.get(bn.state_index)
+            converted[main.marker] = stats
+            index = eqx.nn.StateIndex(stats)
+            # The replaced layer's key, as `make_with_state` writes it (a key-path string):
+            # two conversions of models made alike give compatible models and states.
+            object.__setattr__(index, "marker", main.marker)
+            if _init_was_deleted(main):
+                index = eqx.nn.delete_init_state(index)
+            by_marker[main.marker] = (layer, index)
+        by_object[id(layer)] = eqx.tree_at(lambda b: b.state_index, bn, index)
+        removed.update((main.marker, aux.marker))
+
+    new_leaves = [by_object[id(leaf)] if _is_eqx_bn(leaf) else leaf
+                  for _, leaf in path_leaves]
+    new_model = jtu.tree_unflatten(treedef, new_leaves)
+
+    new_keys, new_values = [], []
+    for key, value in entries.items():
+        if key in converted:
+            value = converted[key]
+        elif key in removed:
+            continue  # the auxiliary entry (first-time flag, step counter) of a layer
+        new_keys.append(key)
+        new_values.append(value)
+    return new_model, eqx.nn.State.tree_unflatten(tuple(new_keys), tuple(new_values))
+
+
+
+# ----------------------------------------------------------------------------- NNX
+
+
+def _nnx() -> Any:
+    """`flax.nnx`, or None where Flax is not installed (it is not a dependency)."""
+    try:
+        from flax import nnx
+    except ImportError:
+        return None
+    return nnx
+
+
+def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.State]:
+    r"""Converts a `flax.nnx.BatchNorm`: its parameters, its `nnx.BatchStat` running
+    statistics and its attributes.
+
+    Every attribute maps to the argument of the same name (`axis`, `momentum`,
+    `epsilon`, `param_dtype`, `use_bias`, `use_scale`, `axis_name`,
+    `axis_index_groups`, `use_fast_variance`), and `use_running_average` to
+    `inference` (NNX's `None`, "decided at each call", becomes `False`, which a call's
+    `inference=`/`use_running_average=` overrides as in NNX). Training and inference
+    then give NNX's numbers: NNX and linen share every convention but one, handled here.
+
+    - **Output dtype.** NNX promotes the input, its float32 running statistics and the
+      parameters to one dtype before normalising, so with `dtype=None` a bfloat16 or
+      float16 input gives a float32 output, where linen (and this library) return the
+      input's dtype. `dtype=None` therefore becomes `dtype=float32` (or `param_dtype`
+      where that is wider), which gives NNX's output dtype and precision for every
+      input up to float32. (A float64 input under `jax_enable_x64` would be returned as
+      float64 by NNX: pass `dtype=None` to keep that.) With an explicit half-precision
+      `dtype`, NNX also rounds the input to it before taking the statistics; here (as
+      in linen) they are taken from the input as given, which differs by about one
+      unit of that rounding.
+    - NNX keeps no initialisers after construction (`scale_init`, `bias_init` keep this
+      library's defaults unless overridden) and no parameter metadata (e.g. sharding
+      annotations), which is dropped. NNX always reduces in at least float32, as
+      `force_float32_reductions=True` (the default here) does.
+    - This library's own defaults stay on: a batch with non-finite statistics leaves the
+      running statistics unchanged (NNX writes the NaN in); pass
+      `skip_nonfinite_updates=False` for NNX's behaviour there too.
+
+    !!! Example
+
+        ```python
+        from flax import nnx
+
+        nnx_bn = nnx.BatchNorm(16, momentum=0.9, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(0), (8, 16))
+        nnx_bn(x)                                      # a training step in NNX
+        bn, state = ebn.from_nnx(nnx_bn)
+        y, _ = bn(x, state, inference=True)            # == nnx_bn(x, use_running_average=True)
+
+        # Per example under jax.vmap, as Equinox models call it: override the layout.
+        bn, state = ebn.from_nnx(nnx_bn, axis=0, axis_name="batch")
+        ```
+
+    **Arguments:**
+
+    - `nnx_batch_norm`: the `flax.nnx.BatchNorm`.
+    - `**overrides`: `BatchNorm` arguments that replace the ones read from the layer
+      (not `num_features`, read from its statistics), e.g. `axis=0,
+      axis_name="batch"` for the per-example style, or `inference=True`.
+
+    **Returns:**
+
+    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics
+    (also the layer's initial state, as for `from_flax`).
+
+    **Raises:**
+
+    `BatchNormError` if `nnx_batch_norm` is not a `flax.nnx.BatchNorm`, if it uses a
+    custom `promote_dtype` (whose arithmetic cannot be reproduced), or for any invalid
+    `BatchNorm` argument.
+    """
+    nnx = _nnx()
+    if nnx is None or not isinstance(nnx_batch_norm, nnx.BatchNorm):
+        raise fail("nnx_batch_norm", "a `flax.nnx.BatchNorm`", type(nnx_batch_norm).__name__,
+                   "for linen's variables use `from_flax`, for an `eqx.nn.BatchNorm` "
+                   "`from_equinox`, for a PyTorch layer `from_torch`")
+    layer = nnx_batch_norm
+    from flax.nnx.nn import dtypes as nnx_dtypes
+
+    if getattr(layer, "promote_dtype", nnx_dtypes.promote_dtype) is not (
+            nnx_dtypes.promote_dtype):
+        raise fail("nnx_batch_norm", "a layer with NNX's default `promote_dtype`",
+                   f"promote_dtype={layer.promote_dtype!r}",
+                   "convert a layer built without `promote_dtype=`, and cast the input "
+                   "yourself")
+    params = {name: jnp.asarray(var[...]) for name in ("scale", "bias")
+              if (var := getattr(layer, name, None)) is not None}
+    variables = {"params": params,
+                 "batch_stats": {"mean": jnp.asarray(layer.mean[...]),
+                                 "var": jnp.asarray(layer.var[...])}}
+    dtype = layer.dtype
+    if dtype is None:
+        dtype = jnp.promote_types(layer.param_dtype, jnp.float32)
+    options: dict[str, Any] = dict(
+        axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon, dtype=dtype,
+        param_dtype=layer.param_dtype, axis_name=layer.axis_name,
+        axis_index_groups=layer.axis_index_groups,
+        use_fast_variance=layer.use_fast_variance,
+        inference=bool(layer.use_running_average))
+    if "use_running_average" in overrides:
+        del options["inference"]
+    options.update(overrides)
+    return from_flax(variables, **options)
+
+
+def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
+    r"""Exports one `BatchNorm` as a `flax.nnx.BatchNorm`.
+
+    The parameters and running statistics are copied into the new layer's `nnx.Param`
+    and `nnx.BatchStat` variables, and every argument NNX has is passed on (`axis`,
+    `momentum`, `epsilon`, `dtype`, `param_dtype`, `use_bias`, `use_scale`,
+    `axis_name`, `axis_index_groups`, `use_fast_variance`; `inference` becomes
+    `use_running_average`). Training and inference then continue in NNX with the same
+    numbers, with these limits:
+
+    - NNX holds one feature axis, so a layer with features on several axes is refused
+      (`to_flax` exports it to linen).
+    - NNX has no batch renormalisation and always reduces in at least float32, so
+      `renorm=True` and `force_float32_reductions=False` are refused rather than
+      silently changing the training outputs.
+    - `skip_nonfinite_updates` (this library's default) has no NNX counterpart: after
+      export, a batch with non-finite statistics writes them into NNX's running
+      statistics, as NNX always does. Finite batches are unaffected.
+    - With `dtype=None`, NNX returns float32 for a half-precision input (it promotes the
+      input to its float32 statistics), where this library returns the input's dtype:
+      the same values before that rounding.
+
+    !!! Example
+
+        ```python
+        from flax import nnx
+
+        bn, state = eqx.nn.make_with_state(ebn.BatchNorm)(16, momentum=0.9)
+        x = jax.random.normal(jax.random.key(0), (8, 16))
+        _, state = bn(x, state)                                 # a training step here
+        nnx_bn = ebn.to_nnx(bn, state)
+        y_nnx = nnx_bn(x, use_running_average=True)
+        y, _ = bn(x, state, inference=True)                     # the same numbers
+        ```
+
+    **Arguments:**
+
+    - `bn`: the layer.
+    - `state`: the `eqx.nn.State` holding its running statistics.
+    - `rngs`: the `flax.nnx.Rngs` NNX's constructor asks for (default `nnx.Rngs(0)`);
+      the values it would initialise are overwritten by `bn`'s.
+
+    **Returns:**
+
+    A `flax.nnx.BatchNorm` holding `bn`'s parameters and running statistics.
+
+    **Raises:**
+
+    `BatchNormError` if `bn` is not a `BatchNorm` or `state` does not hold its
+    statistics, if Flax is not installed, or for the settings NNX cannot express.
+    """
+    if not isinstance(bn, BatchNorm):
+        raise fail("bn", "an `eqx_batchnorm.BatchNorm`", type(bn).__name__,
+                   "for an `eqx.nn.BatchNorm`, convert it first with `from_equinox`")
+    variables = to_flax(bn, state)  # checks that `state` holds bn's statistics
+    nnx = _nnx()
+    if nnx is None:
+        raise fail("bn", "Flax installed, to build a `flax.nnx.BatchNorm`",
+                   "no `flax` package", "`pip install flax`")
+    if len(bn.feature_shape) != 1:
+        raise fail("bn", "a layer with one feature axis (NNX's statistics have shape "
+                   "(num_features,))", f"`axis={bn.axis!r}`, feature shape "
+                   f"{bn.feature_shape}", "export it to linen with `to_flax`, whose "
+                   "`flax.linen.BatchNorm` takes several axes")
+    if bn.renorm:
+        raise fail("bn", "`renorm=False` (NNX has no batch renormalisation)",
+                   "a layer built with `renorm=True`",
+                   "rebuild it without renormalisation before exporting: "
+                   "`ebn.from_flax(ebn.to_flax(bn, state), axis=bn.axis, "
+                   "momentum=bn.momentum, ...)`")
+    if not bn.force_float32_reductions:
+        raise fail("bn", "`force_float32_reductions=True` (NNX always reduces in at "
+                   "least float32)", "a layer built with `force_float32_reductions=False`",
+                   "rebuild it with float32 reductions before exporting: "
+                   "`ebn.from_flax(ebn.to_flax(bn, state), axis=bn.axis, "
+                   "momentum=bn.momentum, ...)`")
+    axis = bn.axis if isinstance(bn.axis, int) else bn.axis[0]
+    layer = nnx.BatchNorm(
+        bn.feature_shape[0], use_running_average=bool(bn.inference), axis=axis,
+        momentum=bn.momentum, epsilon=bn.epsilon, dtype=bn.dtype,
+        param_dtype=bn.param_dtype, use_bias=bn.use_bias, use_scale=bn.use_scale,
+        axis_name=bn.axis_name, axis_index_groups=bn.axis_index_groups,
+        use_fast_variance=bn.use_fast_variance,
+        rngs=nnx.Rngs(0) if rngs is None else rngs)
+    for name, value in variables.get("params", {}).items():
+        getattr(layer, name)[...] = value
+    layer.mean[...] = variables["batch_stats"]["mean"].astype(jnp.float32)
+    layer.var[...] = variables["batch_stats"]["var"].astype(jnp.float32)
+    return layer
