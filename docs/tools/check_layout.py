@@ -201,7 +201,9 @@ def pages(site: Path) -> list[str]:
                   if p.relative_to(site).parts[0] not in ("vendor", "assets", "search"))
 
 
-def check(site: Path, chromium: str, screenshots: Path | None = None) -> list[str]:
+def check(site: Path, chromium: str, screenshots: Path | None = None,
+          only: list[str] | None = None) -> list[str]:
+    """Problems on the pages of `site` (those in `only`, if given)."""
     found = []
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "site"
@@ -210,7 +212,7 @@ def check(site: Path, chromium: str, screenshots: Path | None = None) -> list[st
             path = copy / page
             path.write_text(path.read_text().replace("</body>", _MEASURE + "</body>"))
         with _served(copy) as url:
-            for page in pages(copy):
+            for page in only or pages(copy):
                 profile = tempfile.mkdtemp(dir=tmp)
                 proc = _chromium(chromium, profile, "--dump-dom", f"{url}/{page}")
                 if proc.returncode != 0:
@@ -232,16 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("site", type=Path, help="the built site (mkdocs build --site-dir)")
     parser.add_argument("--chromium", help="the browser to run (default: found on PATH)")
     parser.add_argument("--screenshots", type=Path, help="also save a PNG of each page here")
+    parser.add_argument("--page", action="append", dest="pages",
+                        help="check only this page (e.g. benchmarks/index.html); repeatable")
     args = parser.parse_args(argv)
     chromium = find_chromium(args.chromium)
     if chromium is None:
         print("no chromium found: `apt-get install -y chromium`, or pass --chromium",
               file=sys.stderr)
         return 2
-    found = check(args.site, chromium, args.screenshots)
+    found = check(args.site, chromium, args.screenshots, args.pages)
     for problem in found:
         print(problem)
-    print(f"{len(pages(args.site))} pages checked at {WIDTH} px: "
+    print(f"{len(args.pages or pages(args.site))} pages checked at {WIDTH} px: "
           f"{len(found) or 'no'} problem{'s' if len(found) != 1 else ''}")
     return 1 if found else 0
 
