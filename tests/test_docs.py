@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _scripts import loaded
 
 import eqx_batchnorm as ebn
 
@@ -234,3 +235,35 @@ def test_public_name_is_documented_equinox_style(name):
     assert examples(text), f"`{name}`'s example has no ```python block"
     assert "**Arguments:**" in text, f"`{name}` lists no **Arguments:**"
     assert "**Returns:**" in text or inspect.isclass(obj), f"`{name}` has no **Returns:**"
+
+
+# ---------------------------------------------------------------- the error catalogue
+
+PACKAGE = Path(ebn.__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def catalogue_tool():
+    with loaded("docs/tools/error_catalogue.py", "error_catalogue") as module:
+        yield module
+
+
+def test_error_catalogue_on_the_contract_page_is_what_the_library_prints(catalogue_tool):
+    # Each trigger must raise an error naming its argument (catalogue() checks), and the
+    # page must hold exactly the messages printed today.
+    page = (DOCS / "contract.md").read_text()
+    expected = catalogue_tool.page_with(page, catalogue_tool.catalogue())
+    assert page == expected, (
+        "docs/contract.md's error catalogue is out of date: run "
+        "`uv run python docs/tools/error_catalogue.py --write`")
+
+
+def test_error_catalogue_covers_every_argument_the_checks_name(catalogue_tool):
+    # Arguments named literally at a `fail("...")` call; names passed through variables are
+    # the constructor's and call's own arguments, covered by the catalogue's sections.
+    named = set()
+    for source in PACKAGE.glob("*.py"):
+        named |= set(re.findall(r"\bfail\(\s*\"(\w+)\"", source.read_text()))
+    assert len(named) >= 15, named  # the scan itself works
+    documented = {argument for _, argument, _ in catalogue_tool.TRIGGERS}
+    assert named <= documented, f"errors with no catalogue entry: {sorted(named - documented)}"
