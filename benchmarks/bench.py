@@ -53,7 +53,7 @@ import eqx_batchnorm as ebn
 MODES = ("fwd", "fwd+bwd", "infer")
 CPU_SHAPES = ((64, 32, 32, 64), (256, 8, 8, 256))  # logical (N, H, W, C)
 # On a GPU the CPU shapes (16 MB) take a few microseconds: dispatch, not memory, would be
-# measured. These are >= 100 MB in float32, as the GPU targets ask.
+# measured. These are >= 100 MB in float32, where memory traffic dominates.
 GPU_SHAPES = ((256, 56, 56, 64), (128, 28, 28, 256))
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -480,7 +480,8 @@ def variance_tables(speed: dict, acc: dict) -> str:
 
 def targets(results: list[Result], mem: list[tuple[Case, dict]], speed: dict,
             gpu: bool = False) -> list[str]:
-    """The issue's targets (CPU, or GPU with `gpu`), each with the worst case of this run."""
+    """What we aim for (on a CPU, or a GPU with `gpu`), each checked against the worst case
+    of this run."""
 
     def worst(mode: str | None, key: str, pick=max):
         vals = [(r.ratios[key], r) for r in results
@@ -520,7 +521,7 @@ def targets(results: list[Result], mem: list[tuple[Case, dict]], speed: dict,
         line("per-example vmap / batched <= 1.15", _x(v), v <= 1.15,
              f"worst: {r.mode} {r.case.label}")
     v, r = worst("fwd+bwd", "eqx/ours vmap", pick=min)
-    if v is not None and not gpu:  # a target on the CPU only
+    if v is not None and not gpu:  # an aim on the CPU only
         line("eqx.nn.BatchNorm fwd+bwd / ours per example >= 4", _x(v), v >= 4,
              f"worst: {r.case.label}")
     for mode in ("fwd+bwd", "fwd"):
@@ -547,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="one shape, few rounds: a smoke run")
     p.add_argument("--markdown", action="store_true", help="print the markdown report only")
     p.add_argument("--gpu", action="store_true", help="the large GPU shapes instead of the "
-                   "CPU ones, and the GPU targets")
+                   "CPU ones, and what we aim for on a GPU")
     p.add_argument("--rounds", type=int, default=None, help="rounds per case (default 100)")
     p.add_argument("--sample-ms", type=float, default=None,
                    help="target duration of one timing sample (default 3 ms, 25 ms with "

@@ -1,4 +1,4 @@
-"""Every error of SPEC's "Checks and errors": refused at construction or trace time with a
+"""The basic checks: bad input refused at construction or trace time with a
 `BatchNormError` that names the argument, what was expected, what was given, and the fix.
 
 Each test matches the argument's name and a fragment of the fix, so that a message that

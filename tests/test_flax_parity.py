@@ -316,7 +316,7 @@ def test_matches_flax(cfg: Config):
     assert y.dtype == y_ref.dtype
     _close(y, y_ref, tol["output"], "output")
 
-    # Running statistics. SPEC fixes their dtype to float32, or param_dtype without
+    # Running statistics. Ours keep a fixed dtype, float32 or param_dtype without
     # force_float32_reductions; Flax instead lets the update promote them (float32 x with
     # bfloat16 running statistics gives float32), so only the values are compared then.
     running_dtype = F32 if cfg.ffr else jnp.dtype(cfg.param_dtype)
@@ -507,7 +507,7 @@ def test_axis_index_groups_under_pmap_match_flax_outputs():
     y, stats, grads = _run(_pmap, _ours_fn(True, GROUPS), *data)
     y_ref, _, grads_ref = _run(_pmap, _flax_fn(True, GROUPS), *data)
     _assert_all_close((y, grads), (y_ref, grads_ref))
-    # Running statistics: deliberately the average of the group statistics (SPEC), where
+    # Running statistics: deliberately the average of the group statistics, where
     # Flax keeps each device's own group's.
     halves = data[0].reshape(2, 8, 3, 4)
     _close(stats[0], 0.1 * halves.mean((1, 2)).mean(0), 2e-5, "running mean")

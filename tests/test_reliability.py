@@ -1,6 +1,6 @@
 """Reliability: hostile inputs, faults, data safety, transforms, gradients and a soak.
 
-The SPEC's basic error list lives in test_errors.py; this file covers the wider
+The basic checks live in test_errors.py; this file covers the wider
 catalogue (every row of docs/reliability.md), then faults (non-finite batches),
 serialisation, JAX transforms, float64 gradients and a 10,000-step soak.
 """
@@ -44,7 +44,7 @@ def refused(argument, fn, *fragments):
 
 
 # --------------------------------------------------------------------------------------
-# 1. The bad-input catalogue, beyond SPEC's basic list
+# 1. The bad-input catalogue, beyond the basic checks
 # --------------------------------------------------------------------------------------
 
 NAN, INF = float("nan"), float("inf")
