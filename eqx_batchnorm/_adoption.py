@@ -6,7 +6,7 @@ r"""Adoption in one call: a whole Equinox model, and Flax's NNX `BatchNorm`.
 linen's `variables` dict. Flax stays optional: it is imported inside the NNX functions.
 """
 
-from typing import Any, no_type_check
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -47,9 +47,6 @@ def _init_was_deleted(index: eqx.nn.StateIndex) -> bool:
     return type(index.init) is type(stripped)
 
 
-# `no_type_check`: the checks below name the argument and the fix, where the jaxtyping
-# import hook of the test suite would otherwise raise a beartype error first.
-@no_type_check
 def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
     r"""Converts every `eqx.nn.BatchNorm` of a model at once, and its state.
 
@@ -346,7 +343,7 @@ def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
         _, state = bn(x, state)                                 # a training step here
         nnx_bn = ebn.to_nnx(bn, state)
         y_nnx = nnx_bn(x, use_running_average=True)
-        y, _ = bn(x, state, inference=True)                     # the same numbers
+        y, _ = bn(x, state, inference=True)                     # == y_nnx
         ```
 
     **Arguments:**

@@ -93,8 +93,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     In training, with batch statistics $\mu, \sigma^2$ (see `batch_statistics`),
 
-    $$y = (x - \mu)\left(\gamma\,\frac{1}{\sqrt{\sigma^2 + \epsilon}}\right) + \beta,
-      \qquad \mu_r \leftarrow m\,\mu_r + (1-m)\,\mu, \quad
+    $$y = (x - \mu)\left(\gamma\,\frac{1}{\sqrt{\sigma^2 + \epsilon}}\right) + \beta,$$
+
+    $$\mu_r \leftarrow m\,\mu_r + (1-m)\,\mu \qquad
       \sigma^2_r \leftarrow m\,\sigma^2_r + (1-m)\,\sigma^2 .$$
 
     In inference the running statistics $\mu_r, \sigma^2_r$ normalise instead.

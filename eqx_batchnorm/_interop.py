@@ -120,7 +120,7 @@ def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
         _, state = bn(x, state)                                    # a training step
         variables = ebn.to_flax(bn, state)
         y_flax = nn.BatchNorm(use_running_average=True).apply(variables, x)
-        y, _ = bn(x, state, inference=True)                         # the same numbers
+        y, _ = bn(x, state, inference=True)                         # == y_flax
         ```
 
     **Arguments:**

@@ -108,16 +108,7 @@ def _page_html(page: str) -> str:
     return "index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html"
 
 
-# The class docstring of `BatchNorm` (eqx_batchnorm/_batch_norm.py) puts its training
-# formula and both running updates on one display line, wider than the 1280-px column.
-_WIDE_DOCSTRING_MATHS = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="BatchNorm's docstring formula is wider than the page: split it over two lines")
-
-
-@pytest.mark.parametrize("page", [
-    pytest.param(page, marks=_WIDE_DOCSTRING_MATHS) if page == "api.md" else page
-    for page in sorted(_nav_files(_config()["nav"]))])
+@pytest.mark.parametrize("page", sorted(_nav_files(_config()["nav"])))
 def test_page_renders_its_maths_and_fits_1280px_in_chromium(site, layout, page):
     chromium = layout.find_chromium()
     # No silent skip: without a browser this check cannot run, so it fails.
