@@ -9,11 +9,12 @@ Three sections, each measured in one process with the method of `benchmarks/benc
 (implementations side by side, alternating rounds, medians of per-round ratios to Flax):
 
 - `stack`: 53 BatchNorms (ResNet-50's count) with the same work between layers in every
-  variant (a per-channel weight multiply and a relu), one SGD step under `jax.jit`
-  (loss: mean of the squared output; gradient w.r.t. every parameter; the new running
-  statistics returned). Per variant: the jaxpr trace (`jax.jit(f).trace`), the lowering
+  variant (a relu and a 1x1 convolution), one SGD step under `jax.jit` (loss: mean of
+  the squared output; gradient w.r.t. every parameter; the new running statistics
+  returned). Per variant: the jaxpr trace (`jax.jit(f).trace`), the lowering
   (`.lower()`), XLA's compile (`.compile()`), each timed on a fresh function after
-  `jax.clear_caches()`; the step time; the jaxpr's equation count.
+  `jax.clear_caches()`; the step time; the jaxpr's equation count. The same stack with
+  no BatchNorm, batched and per example, gives the BatchNorms' share of each.
 - `eager`: one layer's training call without `jit`, as one types it at a prompt: the
   time per call and how many XLA compilations the 2nd..Nth calls trigger.
 - `resnet`: the ResNet of `examples/digits_demo.py` (batch of 64 8x8 images), one SGD
@@ -65,7 +66,12 @@ LAYERS = 53  # ResNet-50's BatchNorms
 SHAPES = ((32, 8, 8, 16), (64, 16, 16, 64))  # logical (N, H, W, C)
 DTYPES = B.DTYPES
 LR = 1e-2
-STACK_VARIANTS = ("Flax", "ours", "ours vmap", "eqx")
+STACK_VARIANTS = ("Flax", "ours", "ours vmap", "eqx", "no BN", "no BN vmap")
+# The same stacks with the identity for BatchNorm, batched and per example: the
+# BatchNorms' cost is a stack's time less that of the one without, in the same layout.
+BASELINE = {"Flax": "no BN", "ours": "no BN", "ours vmap": "no BN vmap",
+            "eqx": "no BN vmap"}
+EAGER_VARIANTS = STACK_VARIANTS[:4]
 RESNET_VARIANTS = ("Flax", "ours", "eqx", "no BN")
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "digits_demo.py"
 
@@ -81,11 +87,18 @@ class Step:
     args: tuple
 
 
-def _between(y: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
-    # The non-BatchNorm work of the stack, the same in every variant: a per-channel
-    # weight, a relu, and back to x's dtype (bfloat16 activations, as mixed precision
-    # keeps them between layers).
-    return jax.nn.relu(y * w).astype(dtype)
+def _between(y: jax.Array, w: jax.Array, dtype: Any, channels_first: bool) -> jax.Array:
+    # The non-BatchNorm work of the stack, the same in every variant: a relu and a 1x1
+    # convolution (a channel-mixing matmul), in x's dtype (bfloat16 activations, as mixed
+    # precision keeps them). The convolution is what makes the stack a network: with
+    # elementwise work only, every layer's input is an elementwise function of the stack's
+    # input and the statistics, and XLA fuses (recomputes) the whole chain into every
+    # layer (an `optimization_barrier` does not stop it on XLA:CPU): the step and compile
+    # times then grow with the square of the depth (measured: 0.3 ms per layer at 4
+    # layers, 2.6 ms at 32, for Flax as for us).
+    h = jax.nn.relu(y).astype(dtype)
+    spec = "chw,cd->dhw" if channels_first else "nhwc,cd->nhwd"
+    return jnp.einsum(spec, h, w.astype(dtype))
 
 
 def _per_example(model: Callable) -> Callable:
@@ -124,20 +137,22 @@ def _mean_square(y: jax.Array) -> jax.Array:
 
 
 class Stack(eqx.Module):
-    """`layers` x (BatchNorm, per-channel weight, relu), an Equinox model."""
+    """`layers` x (BatchNorm, relu, 1x1 convolution), an Equinox model on an NHWC batch
+    or, `channels_first`, on (C, H, W) examples."""
 
     norms: tuple
     weights: tuple
+    channels_first: bool = eqx.field(static=True)
 
-    def __init__(self, norm: Callable[[int], Any], c: int, layers: int,
-                 weight_shape: tuple[int, ...]):
+    def __init__(self, norm: Callable[[int], Any], c: int, layers: int, channels_first: bool):
         self.norms = tuple(norm(c) for _ in range(layers))
-        self.weights = tuple(jnp.ones(weight_shape) for _ in range(layers))
+        self.weights = tuple(jnp.eye(c) for _ in range(layers))
+        self.channels_first = channels_first
 
     def __call__(self, x, state):
         for norm, w in zip(self.norms, self.weights, strict=True):
             y, state = norm(x, state)
-            x = _between(y, w, x.dtype)
+            x = _between(y, w, x.dtype, self.channels_first)
         return x, state
 
 
@@ -146,11 +161,19 @@ class FlaxStack(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        c = x.shape[-1]
         for i in range(self.layers):
             y = nn.BatchNorm(use_running_average=False)(x)
-            w = self.param(f"weight_{i}", nn.initializers.ones, (x.shape[-1],))
-            x = _between(y, w, x.dtype)
+            w = self.param(f"weight_{i}", lambda key, c: jnp.eye(c), c)
+            x = _between(y, w, x.dtype, channels_first=False)
         return x
+
+
+class NoNorm(eqx.nn.StatefulLayer):
+    """The identity in a BatchNorm's place: the network without normalisation."""
+
+    def __call__(self, x, state, *, key=None, inference=None):
+        return x, state
 
 
 def flax_step(model: nn.Module, variables: dict, data: tuple,
@@ -192,19 +215,21 @@ class Case:
 def stack_steps(case: Case, layers: int) -> dict[str, Step]:
     c = case.shape[3]
     nhwc, nchw = case.inputs()
-    ours, s_ours = eqx.nn.make_with_state(Stack)(ebn.BatchNorm, c, layers, (c,))
-    vmap, s_vmap = eqx.nn.make_with_state(Stack)(
-        lambda c: ebn.BatchNorm(c, axis=0, axis_name=AXIS), c, layers, (c, 1, 1))
-    eqx_model, s_eqx = eqx.nn.make_with_state(Stack)(
-        lambda c: eqx.nn.BatchNorm(c, axis_name=AXIS, mode="batch"), c, layers, (c, 1, 1))
-    flax_model = FlaxStack(layers)
-    variables = flax_model.init(jax.random.key(0), nhwc)
-    return {
-        "Flax": flax_step(flax_model, variables, (nhwc,), _mean_square),
-        "ours": equinox_step(ours, s_ours, (nhwc,), _mean_square, per_example=False),
-        "ours vmap": equinox_step(vmap, s_vmap, (nchw,), _mean_square, per_example=True),
-        "eqx": equinox_step(eqx_model, s_eqx, (nchw,), _mean_square, per_example=True),
+    norms = {
+        "ours": (ebn.BatchNorm, False),
+        "ours vmap": (lambda c: ebn.BatchNorm(c, axis=0, axis_name=AXIS), True),
+        "eqx": (lambda c: eqx.nn.BatchNorm(c, axis_name=AXIS, mode="batch"), True),
+        "no BN": (lambda c: NoNorm(), False),
+        "no BN vmap": (lambda c: NoNorm(), True),
     }
+    flax_model = FlaxStack(layers)
+    steps = {"Flax": flax_step(flax_model, flax_model.init(jax.random.key(0), nhwc), (nhwc,),
+                               _mean_square)}
+    for name, (norm, per_example) in norms.items():
+        model, state = eqx.nn.make_with_state(Stack)(norm, c, layers, per_example)
+        steps[name] = equinox_step(model, state, (nchw if per_example else nhwc,),
+                                   _mean_square, per_example)
+    return steps
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,6 +312,14 @@ def alternate(calls: dict[str, Callable[[], Any]], rounds: int, sample_s: float,
     return samples
 
 
+def bn_costs(samples: dict[str, dict[str, list[float]]],
+             baseline: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The BatchNorms' share of each quantity (step, trace, lower, compile): per round, a
+    variant's seconds less those of its network without BatchNorm; the median."""
+    return {q: {k: float(statistics.median(np.array(by[k]) - np.array(by[b])))
+                for k, b in baseline.items()} for q, by in samples.items()}
+
+
 @dataclass
 class Section:
     """One case of a section: raw samples (seconds) and their summaries."""
@@ -313,7 +346,9 @@ def run_stack(case: Case, layers: int, rounds: int, compile_rounds: int,
     for phase, samples in costs["samples"].items():
         out.add(phase, samples)
     out.extra["equations"] = costs["equations"]
-    out.add("step", alternate(costs["calls"], rounds, sample_s))
+    step = alternate(costs["calls"], rounds, sample_s)
+    out.add("step", step)
+    out.extra["bn_cost_s"] = bn_costs({"step": step, **costs["samples"]}, BASELINE)
     return out
 
 
@@ -448,13 +483,6 @@ class FlaxBatchNorm(eqx.nn.StatefulLayer):
         return y, state.set(self.index, updates["batch_stats"])
 
 
-class NoNorm(eqx.nn.StatefulLayer):
-    """The identity in a BatchNorm's place: the network without normalisation."""
-
-    def __call__(self, x, state, *, key=None, inference=None):
-        return x, state
-
-
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
@@ -482,12 +510,8 @@ def run_resnet(batch: int, rounds: int, compile_rounds: int, sample_s: float) ->
     out.extra["equations"] = costs["equations"]
     step = alternate(costs["calls"], rounds, sample_s)
     out.add("step", step)
-    # The BatchNorms' share: per round, the variant's time less the no-BatchNorm time.
-    for quantity, samples in (("step", step), ("compile", costs["samples"]["compile"]),
-                              ("trace", costs["samples"]["trace"])):
-        cost = {k: statistics.median(np.array(v) - np.array(samples["no BN"]))
-                for k, v in samples.items() if k != "no BN"}
-        out.extra.setdefault("bn_cost_s", {})[quantity] = {k: float(v) for k, v in cost.items()}
+    out.extra["bn_cost_s"] = bn_costs({"step": step, **costs["samples"]},
+                                      {k: "no BN" for k in ("Flax", "ours", "eqx")})
     return out
 
 
@@ -499,19 +523,30 @@ def _ratio_cell(section: Section, quantity: str, name: str) -> str:
     return f"**{B._x(section.ratios[quantity].get(name))}**"
 
 
+def _bn_cells(s: Section, quantity: str, name: str) -> str:
+    """The BatchNorms' share of a quantity, and its ratio to Flax's share."""
+    cost = s.extra["bn_cost_s"][quantity]
+    if name not in cost:
+        return "| | "
+    share = B._x(cost[name] / cost["Flax"]) if cost["Flax"] > 0 else ""
+    return f"| {B._ms(cost[name])} | {share} "
+
+
 def stack_table(sections: list[Section]) -> str:
-    lines = ["| case | variant | step ms | **step/Flax** | trace ms | **trace/Flax** "
-             "| lower ms | **lower/Flax** | XLA compile ms | **compile/Flax** "
-             "| jaxpr eqns (total) |", "|" + "---|" * 11]
+    lines = ["| case | variant | step ms | **step/Flax** | BN ms per step | BN/Flax's BN "
+             "| trace ms | **trace/Flax** | lower ms | **lower/Flax** | XLA compile ms "
+             "| **compile/Flax** | BN compile ms | jaxpr eqns (total) |", "|" + "---|" * 14]
     for s in sections:
         for name in STACK_VARIANTS:
             eq = s.extra["equations"][name]
             lines.append(
                 f"| {s.case} | {name} | {B._ms(s.medians['step'][name])} "
-                f"| {_ratio_cell(s, 'step', name)} | {B._ms(s.medians['trace'][name])} "
-                f"| {_ratio_cell(s, 'trace', name)} | {B._ms(s.medians['lower'][name])} "
-                f"| {_ratio_cell(s, 'lower', name)} | {B._ms(s.medians['compile'][name])} "
-                f"| {_ratio_cell(s, 'compile', name)} | {eq['top level']} ({eq['total']}) |")
+                f"| {_ratio_cell(s, 'step', name)} {_bn_cells(s, 'step', name)}"
+                f"| {B._ms(s.medians['trace'][name])} | {_ratio_cell(s, 'trace', name)} "
+                f"| {B._ms(s.medians['lower'][name])} | {_ratio_cell(s, 'lower', name)} "
+                f"| {B._ms(s.medians['compile'][name])} | {_ratio_cell(s, 'compile', name)} "
+                f"| {B._ms(s.extra['bn_cost_s']['compile'].get(name))} "
+                f"| {eq['top level']} ({eq['total']}) |")
     return "\n".join(lines)
 
 
@@ -520,7 +555,7 @@ def eager_table(sections: list[Section]) -> str:
              "| compiles, later calls | traces, later calls |", "|" + "---|" * 7]
     for s in sections:
         n = s.extra["calls"]
-        for name in STACK_VARIANTS:
+        for name in EAGER_VARIANTS:
             c = s.extra["compile_counts"][name]
             lines.append(
                 f"| {s.case} | {name} | {B._ms(s.medians['call'][name])} "
@@ -530,20 +565,17 @@ def eager_table(sections: list[Section]) -> str:
 
 
 def resnet_table(s: Section) -> str:
-    cost = s.extra["bn_cost_s"]
-    lines = ["| variant | step ms | **step/Flax** | BN ms per step | **BN/Flax's BN** "
+    lines = ["| variant | step ms | **step/Flax** | BN ms per step | BN/Flax's BN "
              "| trace ms | XLA compile ms | **compile/Flax** | BN compile ms "
              "| jaxpr eqns (total) |", "|" + "---|" * 10]
     for name in RESNET_VARIANTS:
         eq = s.extra["equations"][name]
-        bn = cost["step"].get(name)
-        flax_bn = cost["step"]["Flax"]
-        share = "" if bn is None or flax_bn <= 0 else f"**{B._x(bn / flax_bn)}**"
         lines.append(
             f"| {name} | {B._ms(s.medians['step'][name])} | {_ratio_cell(s, 'step', name)} "
-            f"| {B._ms(bn)} | {share} | {B._ms(s.medians['trace'][name])} "
+            f"{_bn_cells(s, 'step', name)}| {B._ms(s.medians['trace'][name])} "
             f"| {B._ms(s.medians['compile'][name])} | {_ratio_cell(s, 'compile', name)} "
-            f"| {B._ms(cost['compile'].get(name))} | {eq['top level']} ({eq['total']}) |")
+            f"| {B._ms(s.extra['bn_cost_s']['compile'].get(name))} "
+            f"| {eq['top level']} ({eq['total']}) |")
     return "\n".join(lines)
 
 
@@ -619,10 +651,13 @@ def main(argv: list[str] | None = None) -> None:
             log(f"stack {case.label}: step/Flax {done[-1].ratios['step']}")
         emit("stack", [s.to_json() for s in done], [
             f"### A stack of {layers} BatchNorms: one SGD step", "",
-            "Times: medians; ratios: **medians of per-round ratios** to Flax. Trace, lower, "
-            f"compile: fresh functions after `jax.clear_caches()`, {compile_rounds} "
-            f"round(s); step: {rounds} rounds. Equations: the step's jaxpr, top level "
-            "(all, sub-jaxprs included).", "", stack_table(done), ""])
+            "Each BatchNorm followed by a relu and a 1x1 convolution. Times: medians; "
+            "ratios: **medians of per-round ratios** to Flax. Trace, lower, compile: fresh "
+            f"functions after `jax.clear_caches()`, {compile_rounds} round(s); step: "
+            f"{rounds} rounds. BN ms: median per-round difference to the stack without "
+            "BatchNorm in the same layout (`no BN`: NHWC batch; `no BN vmap`: per "
+            "example); BN/Flax's BN: ratio of those medians. Equations: the step's jaxpr, "
+            "top level (all, sub-jaxprs included).", "", stack_table(done), ""])
     if "eager" in sections:
         done = []
         for case in cases:

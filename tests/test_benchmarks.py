@@ -114,11 +114,13 @@ def test_deep_quick_mode_measures_every_section(deep, tmp_path, capsys):
         positive(stack["median_s"][quantity], deep.STACK_VARIANTS)
         positive(stack["ratio_to_Flax"][quantity], deep.STACK_VARIANTS)
         assert stack["ratio_to_Flax"][quantity]["Flax"] == 1.0
+        assert set(stack["bn_cost_s"][quantity]) == {"Flax", "ours", "ours vmap", "eqx"}
     for counts in stack["equations"].values():
         assert 0 < counts["top level"] <= counts["total"]
+    assert stack["equations"]["no BN"]["total"] < stack["equations"]["ours"]["total"]
 
     (eager,) = data["eager"]
-    positive(eager["median_s"]["call"], deep.STACK_VARIANTS)
+    positive(eager["median_s"]["call"], deep.EAGER_VARIANTS)
     for counts in eager["compile_counts"].values():
         assert counts["compiles call 1"] > 0  # a fresh cache: each primitive compiles
         assert counts["compiles calls 2..2"] >= 0
