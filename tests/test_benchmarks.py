@@ -1,5 +1,6 @@
-"""The benchmark script (`benchmarks/bench.py`): its target checks on made-up results (no
-timing), and a smoke run of its quick mode, so the documented commands keep working."""
+"""The benchmark scripts: `benchmarks/bench.py`'s target checks on made-up results (no
+timing), and smoke runs of the quick modes of `bench.py` and `benchmarks/deep.py`, so the
+documented commands keep working."""
 
 import json
 
