@@ -1,8 +1,10 @@
-"""The benchmark script (`benchmarks/bench.py`): its target checks on made-up results (no
-timing), and a smoke run of its quick mode, so the documented commands keep working."""
+"""The benchmark scripts: `benchmarks/bench.py`'s target checks on made-up results (no
+timing), and smoke runs of the quick modes of `bench.py` and `benchmarks/deep.py`, so the
+documented commands keep working."""
 
 import json
 
+import jax
 import pytest
 from _scripts import loaded
 
@@ -75,3 +77,58 @@ def test_quick_mode_writes_the_report_and_the_raw_numbers(bench, tmp_path, capsy
                                                   "(64, 64, 32, 32) NCHW f32"}
     assert all(t["mode"] == "fwd" and t["times"]["ours"] > 0 for t in data["timing"])
     assert set(data["variance_accuracy"]) == {"0", "100", "1000", "10000"}
+
+
+@pytest.fixture(scope="module")
+def deep():
+    with loaded("benchmarks/deep.py", "deep") as module:
+        yield module
+
+
+def test_equation_count_includes_sub_jaxprs(deep):
+    def f(x):
+        return jax.lax.cond(x > 0, lambda x: x + 1.0, lambda x: 2.0 * x - 1.0, x)
+
+    jaxpr = jax.make_jaxpr(f)(1.0).jaxpr
+    assert len(jaxpr.eqns) == 3  # gt, convert_element_type, cond
+    assert deep.count_equations(jaxpr) == 3 + 1 + 2
+
+
+def test_deep_quick_mode_measures_every_section(deep, tmp_path, capsys):
+    raw = tmp_path / "deep.json"
+    deep.main(["--quick", "--rounds", "1", "--layers", "2", "--eager-calls", "2",
+               "--json", str(raw)])
+    printed = capsys.readouterr().out
+    for heading in ("### A stack of 2 BatchNorms", "### One layer's eager training call",
+                    "### The demo's ResNet (examples/digits_demo.py)"):
+        assert heading in printed
+    data = json.loads(raw.read_text())
+    assert data["layers"] == 2 and data["machine"]["backend"].startswith("cpu")
+
+    def positive(table, variants):
+        assert set(table) == set(variants)
+        assert all(v > 0 for v in table.values()), table
+
+    (stack,) = data["stack"]
+    assert stack["case"] == "2 layers, x (32, 8, 8, 16) f32"
+    for quantity in ("trace", "lower", "compile", "step"):
+        positive(stack["median_s"][quantity], deep.STACK_VARIANTS)
+        positive(stack["ratio_to_Flax"][quantity], deep.STACK_VARIANTS)
+        assert stack["ratio_to_Flax"][quantity]["Flax"] == 1.0
+        assert set(stack["bn_cost_s"][quantity]) == {"Flax", "ours", "ours vmap", "eqx"}
+    for counts in stack["equations"].values():
+        assert 0 < counts["top level"] <= counts["total"]
+    assert stack["equations"]["no BN"]["total"] < stack["equations"]["ours"]["total"]
+
+    (eager,) = data["eager"]
+    positive(eager["median_s"]["call"], deep.EAGER_VARIANTS)
+    for counts in eager["compile_counts"].values():
+        assert counts["compiles call 1"] > 0  # a fresh cache: each primitive compiles
+        assert counts["compiles calls 2..2"] >= 0
+
+    resnet = data["resnet"]
+    for quantity in ("trace", "lower", "compile", "step"):
+        positive(resnet["median_s"][quantity], deep.RESNET_VARIANTS)
+    # The BatchNorms' cost per step: a model less the same model without BatchNorm.
+    assert set(resnet["bn_cost_s"]["step"]) == {"Flax", "ours", "eqx"}
+    assert resnet["equations"]["no BN"]["total"] < resnet["equations"]["Flax"]["total"]
