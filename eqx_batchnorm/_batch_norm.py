@@ -295,7 +295,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         `x`, bad `mask`, unbound `axis_name`, groups that do not partition the axis,
         nothing to reduce over, conflicting flags, or a `state` that does not fit.
         """
-        del key
         check_float_input(x)
         if not isinstance(state, eqx.nn.State):
             raise fail("state", "an `eqx.nn.State`", f"{type(state).__name__}",
@@ -307,7 +306,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         r_max = check_call_bound("renorm_r_max", renorm_r_max, 1.0)
         d_max = check_call_bound("renorm_d_max", renorm_d_max, 0.0)
         check_annotations("BatchNorm.__call__", _CALL_HINTS,
-                          {"x": x, "mask": mask, "renorm_r_max": r_max, "renorm_d_max": d_max})
+                          {"x": x, "key": key, "mask": mask, "renorm_r_max": r_max,
+                           "renorm_d_max": d_max})
         feature_axes = canonical_feature_axes(as_axis_tuple(self.axis), x.ndim, shape)
         got = tuple(shape[a] for a in feature_axes)
         if got != self.feature_shape:
@@ -363,6 +363,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
 _CALL_HINTS = {
     "x": Shaped[Array | np.ndarray, "*shape"],
+    "key": PRNGKeyArray,
     "mask": Shaped[Array | np.ndarray, "..."],
     "renorm_r_max": float | Float[Array | np.ndarray, ""],
     "renorm_d_max": float | Float[Array | np.ndarray, ""],

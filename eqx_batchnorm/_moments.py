@@ -6,8 +6,10 @@ Private and unchecked: the public entry points validate their arguments, then ca
 $$\mu = \frac{1}{N} \sum_{i \in \mathcal{M}} x_i, \qquad
   \sigma^2 = \frac{1}{N} \sum_{i \in \mathcal{M}} (x_i - \mu)^2$$
 
-over the unmasked positions $\mathcal{M}$ of every participant of its group, accumulated
-in at least float32 and returned in the statistics dtype.
+over the unmasked positions $\mathcal{M}$ of every participant of its group. The one-pass
+estimators accumulate in at least float32 (their sums of shifted squares would round
+away the spread in half precision) and return the statistics dtype; the two-pass
+estimator and the derivatives run in the statistics dtype, as Flax's do.
 
 - `"two_pass"` (`use_fast_variance=False`): the mean, then $\sum (x - \mu)^2$; one
   collective per pass.
@@ -106,10 +108,12 @@ def _valid(v: Array, m: Array | None) -> Array:
 
 
 def _two_pass(x: Array, mask: Array | None, p: Participants, cfg: Config) -> _Moments:
+    # In the statistics dtype, as Flax computes it: nothing cancels, and half-precision
+    # statistics round as Flax's do.
     red = cfg.reduction_axes
     m = _broadcast(mask, x)
-    xc = x.astype(cfg.accumulate)
-    s1, total = p.sum((_valid(xc, m).sum(red), _count(x, m, cfg)))
+    xc = x.astype(cfg.dtype)
+    s1, total = p.sum((_valid(xc, m).sum(red), _count(x, m, cfg).astype(cfg.dtype)))
     means = s1 / total
     dev = _valid(xc - _expand(p.select(means), red), m)
     (s2,) = p.sum(((dev * dev).sum(red),))
@@ -284,11 +288,12 @@ def moments(x: Array, mask: Array | None, cfg: Config) -> tuple[Array, ...]:
 def _local_tangents(cfg: Config):
     """The local sums of the tangent, rematerialised: reverse mode keeps `x` (not a copy
     of `x - mean`) and recomputes `x - mean` inside the backward pass's fusion."""
-    red, acc = cfg.reduction_axes, cfg.accumulate
+    # In the statistics dtype (the tangents' own), as Flax's autodiff computes them.
+    red, dtype = cfg.reduction_axes, cfg.dtype
 
     def tangents(x: Array, mask: Array | None, mean: Array, dx: Array):
-        dxc = _valid(dx.astype(acc), _broadcast(mask, x))
-        centred = x.astype(acc) - _expand(mean.astype(acc), red)
+        dxc = _valid(dx.astype(dtype), _broadcast(mask, x))
+        centred = x.astype(dtype) - _expand(mean, red)
         # Two arrays, not stacked: their cotangents then reach the backward's elementwise
         # fusion as two vectors, not as slices of a padded block.
         return dxc.sum(red), (centred * dxc).sum(red)
@@ -303,7 +308,8 @@ def _moments_jvp(cfg: Config, primals, tangents):
     gm, p = _group_moments(x, mask, cfg)
     out = _outputs(gm, p, cfg.dtype)
     t1, t2 = p.sum(_local_tangents(cfg)(x, mask, out[0], dx))
-    dmean = t1 / gm.count
-    dvar = 2 * t2 / gm.count
+    count = gm.count.astype(cfg.dtype)
+    dmean = t1 / count
+    dvar = 2 * t2 / count
     tangent_out = (p.select(dmean), p.select(dvar), dmean.mean(0), dvar.mean(0))
     return out, tuple(t.astype(cfg.dtype) for t in tangent_out)

@@ -332,7 +332,36 @@ def test_matches_flax(cfg: Config):
             assert ours is None
             continue
         assert ours.dtype == ref.dtype, name
-        _close(ours, ref, tol[name], f"grad {name}")
+        try:
+            _close(ours, ref, tol[name], f"grad {name}")
+        except AssertionError:
+            # Half-precision statistics: ours accumulate their sums in float32, Flax's
+            # round each square first, so the two can differ by more than one rounding
+            # where a gradient is a difference of large terms. Then ours must be at
+            # least as close to the float64 result as Flax's.
+            if _statistics_dtype(cfg).itemsize >= 4:
+                raise
+            truth = _float64_gradients(cfg, data)[("x", "scale", "bias").index(name)]
+            ours_err = np.max(np.abs(np.asarray(ours, np.float64) - truth))
+            flax_err = np.max(np.abs(np.asarray(ref, np.float64) - truth))
+            assert ours_err <= flax_err, (name, ours_err, flax_err)
+
+
+def _statistics_dtype(cfg: Config):
+    base = jnp.dtype(cfg.dtype if cfg.dtype is not None else cfg.x_dtype)
+    return jnp.promote_types(base, F32) if cfg.ffr else base
+
+
+def _float64_gradients(cfg: Config, data):
+    """Flax's gradients computed in float64 from the same inputs: the exact reference."""
+    exact = dataclasses.replace(cfg, x_dtype=np.float64, param_dtype=np.float64,
+                                dtype=None, ffr=True)
+    with jax.enable_x64(True):
+        data64 = [None if a is None else jnp.asarray(
+            np.asarray(a, np.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a)
+            for a in data]
+        _, _, grads = _flax_side(exact, *data64)
+        return [None if g is None else np.asarray(g, np.float64) for g in grads]
 
 
 def test_fast_variance_beats_flax_when_mean_dominates(clone):

@@ -181,6 +181,29 @@ TRIGGERS: list[tuple[str, str, str]] = [
     ("Precise BN", "call", "ebn.recompute_statistics(bn, state, [x], call=lambda m, b, s: 0)"),
     ("Precise BN", "model", "ebn.recompute_statistics(\n"
                             "    bn, state, [x], call=lambda m, b, s: (b, s))"),
+    # ------------------------------------------------------------------ vmap mistakes
+    ("Mistakes under vmap", "axis_name",
+     "xs = jnp.ones((4, 3, 2))  # 4 examples of shape (C, L)\n"
+     "bn, state = make(3, axis=0)  # no axis_name, and none on the vmap\n"
+     "jax.vmap(bn, in_axes=(0, None), out_axes=(0, None))(xs, state)"),
+    ("Mistakes under vmap", "axis_name",
+     "xs = jnp.ones((4, 3, 2))\n"
+     "bn, state = make(3, axis=0)  # a named vmap, a layer without the name\n"
+     'jax.vmap(bn, axis_name="batch", in_axes=(0, None),\n'
+     "         out_axes=(0, None))(xs, state)"),
+    ("Mistakes under vmap", "axis_name",
+     "xs = jnp.ones((4, 3, 2))\n"
+     'bn, state = make(3, axis=0, axis_name="btach")  # a typo\n'
+     'jax.vmap(bn, axis_name="batch", in_axes=(0, None),\n'
+     "         out_axes=(0, None))(xs, state)"),
+    ("Mistakes under vmap", "axis_name",
+     "from jax.sharding import PartitionSpec as P\n"
+     'mesh = jax.make_mesh((1,), ("data",))  # explicit axes: the default\n'
+     'bn, state = make(3, axis=0, axis_name="batch")\n'
+     'xs = jax.device_put(jnp.ones((4, 3, 2)), jax.NamedSharding(mesh, P("data")))\n'
+     'step = eqx.filter_jit(lambda bn, s, x: jax.vmap(\n'
+     '    bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, s))\n'
+     "step(bn, state, xs)"),
 ]
 
 
