@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# The docs toolchain is a test dependency: a missing package fails here, loudly.
+import mkdocs  # noqa: F401
+import mkdocstrings_handlers.python  # noqa: F401
+import yaml
 
 import eqx_batchnorm as ebn
-
-pytest.importorskip("mkdocs")
-pytest.importorskip("mkdocstrings_handlers.python")
-yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
