@@ -63,7 +63,7 @@ def train_step(model, state, x, target):
         return jnp.mean((y - target) ** 2), state
 
     (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model, state)
-    model = jax.tree.map(lambda p, g: p - 1e-3 * g, model, grads)
+    model = eqx.apply_updates(model, jax.tree.map(lambda g: -1e-3 * g, grads))
     return model, state, value
 
 
