@@ -13,6 +13,9 @@ from _scripts import loaded
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo():

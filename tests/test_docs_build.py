@@ -9,12 +9,16 @@ from pathlib import Path
 # The docs toolchain is a test dependency: a missing package fails here, loudly.
 import mkdocs  # noqa: F401
 import mkdocstrings_handlers.python  # noqa: F401
+import pytest
 import yaml
 
 import eqx_batchnorm as ebn
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+
+# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def _public_names() -> set[str]:

@@ -16,6 +16,9 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 
+# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def test_notebooks_exist():
     names = {p.name for p in PATHS}
