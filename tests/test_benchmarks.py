@@ -64,6 +64,7 @@ def test_cpu_targets_report_the_worst_case(bench):
     assert not lines_about(report, "memory floor")  # a GPU target only
 
 
+@pytest.mark.slow
 def test_quick_mode_writes_the_report_and_the_raw_numbers(bench, tmp_path, capsys):
     raw = tmp_path / "run.json"
     bench.main(["--quick", "--rounds", "1", "--modes", "fwd", "--markdown", "--json",

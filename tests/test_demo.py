@@ -3,15 +3,18 @@ the exit code that guards the full run's accuracy threshold."""
 
 import re
 
+# The demo's packages are test dependencies: a missing one fails here, loudly.
+import matplotlib  # noqa: F401
+import optax  # noqa: F401
 import pytest
+import sklearn  # noqa: F401
+import tqdm  # noqa: F401
 from _scripts import loaded
 
-pytest.importorskip("optax")
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The docs toolchain is a test dependency: a missing package fails here, loudly.
+import mkdocs  # noqa: F401
+import mkdocstrings_handlers.python  # noqa: F401
 import pytest
+import yaml
 from _scripts import loaded
 
 import eqx_batchnorm as ebn
 
-pytest.importorskip("mkdocs")
-pytest.importorskip("mkdocstrings_handlers.python")
-yaml = pytest.importorskip("yaml")
-
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+
+# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def _public_names() -> set[str]:

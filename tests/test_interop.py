@@ -1,11 +1,14 @@
 """Converters against real Flax, real PyTorch and eqx.nn.BatchNorm."""
 
+import json
+
 import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import record_torch_golden as golden
 
 import eqx_batchnorm as ebn
 
@@ -94,92 +97,45 @@ def test_from_flax_errors():
 
 
 # ----------------------------------------------------------------------------- PyTorch
+# Against real PyTorch through golden files it recorded (tests/record_torch_golden.py, whose
+# `--check` mode runs the same assertions against live PyTorch): PyTorch is no dependency.
 
 
-def _torch_layer(torch, cls, channels, shape, **kwargs):
-    """A torch batch norm with trained-looking statistics and parameters."""
-    torch.manual_seed(0)
-    layer = cls(channels, **kwargs)
-    layer.train()
-    for i in range(3):
-        layer(torch.randn(*shape) * (1 + i) + 2.0)
-    if layer.affine:
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 2.0)
-            layer.bias.normal_()
-    return layer.eval()
+@pytest.mark.parametrize("name", sorted(golden.CASES))
+def test_torch_golden_eval_and_train_outputs(name):
+    arrays = golden.load(f"torch_{name}.npz")
+    assert json.loads(str(arrays["meta"]))["cls"] == golden.CASES[name]["cls"]
+    golden.check_case(arrays)
 
 
-@pytest.mark.parametrize(("name", "shape"), [("BatchNorm1d", (8, 3)),
-                                             ("BatchNorm1d", (4, 3, 5)),
-                                             ("BatchNorm2d", (4, 3, 4, 5)),
-                                             ("BatchNorm3d", (2, 3, 2, 3, 4))])
-def test_torch_inference_equals_eval(name, shape, clone):
-    torch = pytest.importorskip("torch")
-    layer = _torch_layer(torch, getattr(torch.nn, name), 3, shape)
-    x = torch.randn(*shape) * 2 + 1
-    with torch.no_grad():
-        y_ref = layer(x).numpy()
-    bn, state = ebn.from_torch(layer.state_dict())
-    assert bn.axis == 1 and bn.momentum == pytest.approx(0.9)
-    y, _ = bn(jnp.asarray(x.numpy()), clone(state), inference=True)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    # Per example, channels first, under vmap: the same numbers.
-    bn0, state0 = ebn.from_torch(layer.state_dict(), axis=0, axis_name="batch")
-    ys, _ = jax.vmap(eqx.nn.inference_mode(bn0), axis_name="batch", in_axes=(0, None),
-                     out_axes=(0, None))(jnp.asarray(x.numpy()), state0)
-    np.testing.assert_allclose(ys, y_ref, rtol=1e-5, atol=1e-5)
+def test_torch_golden_state_dict_arrays_of_every_kind():
+    """NumPy arrays (as loaded), JAX arrays, and the int64 `num_batches_tracked` scalar."""
+    sd = golden.state_dict(golden.load("torch_bn2d.npz"))
+    assert sd["num_batches_tracked"].dtype == np.int64 and sd["num_batches_tracked"] == 3
+    bn_np, state_np = ebn.from_torch(sd)
+    bn_jax, state_jax = ebn.from_torch({k: jnp.asarray(v) for k, v in sd.items()})
+    for a, b in [(bn_np.scale, bn_jax.scale), (bn_np.bias, sd["bias"]),
+                 (state_np.get(bn_np.state_index).var, sd["running_var"]),
+                 (state_jax.get(bn_jax.state_index).mean, sd["running_mean"])]:
+        np.testing.assert_array_equal(a, b)
 
 
-def test_torch_momentum_and_variance_conventions(clone):
-    """Momentum is converted; training output equals torch's; the running variance then
-    follows Flax's (biased) convention, as documented."""
-    torch = pytest.importorskip("torch")
-    layer = _torch_layer(torch, torch.nn.BatchNorm2d, 3, (4, 3, 2, 2), momentum=0.3)
-    bn, state = ebn.from_torch(layer.state_dict(), torch_momentum=0.3)
-    assert bn.momentum == pytest.approx(0.7)
-    x = torch.randn(5, 3, 2, 2) * 3 - 1
-    old_var = layer.running_var.clone().numpy()
-    layer.train()
-    with torch.no_grad():
-        y_ref = layer(x).numpy()
-    xj = jnp.asarray(x.numpy())
-    y, new_state = bn(xj, clone(state))
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    stats = new_state.get(bn.state_index)
-    np.testing.assert_allclose(stats.mean, layer.running_mean.numpy(), rtol=1e-5, atol=1e-6)
-    n = x.numel() // 3
-    biased = np.asarray(xj.var((0, 2, 3)))
-    np.testing.assert_allclose(stats.var, 0.7 * old_var + 0.3 * biased, rtol=1e-5)
-    np.testing.assert_allclose(layer.running_var.numpy(),
-                               0.7 * old_var + 0.3 * biased * n / (n - 1), rtol=1e-5)
+def test_torch_golden_prefix_and_refusals():
+    golden.check_model_dicts(golden.load("torch_model_dicts.npz"))
 
 
-def test_torch_variants_and_errors():
-    torch = pytest.importorskip("torch")
-    # affine=False, arrays instead of tensors.
-    layer = _torch_layer(torch, torch.nn.BatchNorm1d, 3, (8, 3), affine=False)
-    arrays = {k: v.numpy() for k, v in layer.state_dict().items()}
-    bn, state = ebn.from_torch(arrays, momentum=0.95)
-    assert bn.scale is None and bn.bias is None and bn.momentum == 0.95
-    x = torch.randn(6, 3)
-    with torch.no_grad():
-        y_ref = layer(x).numpy()
-    np.testing.assert_allclose(bn(jnp.asarray(x.numpy()), state, inference=True)[0], y_ref,
-                               rtol=1e-5, atol=1e-5)
-    # One layer out of a model's state_dict.
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1),
-                                _torch_layer(torch, torch.nn.BatchNorm2d, 3, (2, 3, 2, 2)))
-    bn, _ = ebn.from_torch(model.state_dict(), prefix="1.")
-    np.testing.assert_array_equal(bn.scale, model[1].weight.detach().numpy())
+def test_torch_golden_refusal_messages():
+    arrays = golden.load("torch_model_dicts.npz")
     with pytest.raises(ebn.BatchNormError, match="prefix"):
-        ebn.from_torch(model.state_dict())
-    with pytest.raises(ebn.BatchNormError, match="torch_momentum"):
-        ebn.from_torch(model[1].state_dict(), torch_momentum=0.1, momentum=0.9)
+        ebn.from_torch(golden.state_dict(arrays, "sequential"))
     with pytest.raises(ebn.BatchNormError, match="track_running_stats"):
-        ebn.from_torch(torch.nn.BatchNorm2d(3, track_running_stats=False).state_dict())
-    with pytest.raises(ebn.BatchNormError, match="torch_momentum"):
-        ebn.from_torch(model[1].state_dict(), torch_momentum=1.5)
+        ebn.from_torch(golden.state_dict(arrays, "untracked"))
+
+
+def test_torch_golden_digits_cnn_port():
+    """The model that notebooks/porting.ipynb ports: trained by PyTorch, its logits on all
+    1797 digits are reproduced by the Equinox port."""
+    golden.check_model(golden.load("torch_digits_cnn.npz"), golden.digits()[0])
 
 
 # ----------------------------------------------------------------------------- Equinox

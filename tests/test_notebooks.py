@@ -8,14 +8,16 @@ this process's environment, so it sees the 8 virtual CPU devices that conftest s
 import copy
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the kernel; a test dependency, so a missing one fails loudly)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def test_notebooks_exist():
