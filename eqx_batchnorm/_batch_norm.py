@@ -292,8 +292,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         **Raises:**
 
         `BatchNormError` naming the argument: feature size mismatch, bad axis, non-float
-        `x`, bad `mask`, unbound `axis_name`, groups that do not partition the axis,
-        nothing to reduce over, conflicting flags, or a `state` that does not fit.
+        `x`, bad `mask`, unbound `axis_name` (the message lists the bound names), groups
+        that do not partition the axis, nothing to reduce over, conflicting flags, a
+        `state` that does not fit, or a training call under a `jax.vmap` that would give
+        every example its own running statistics (no `axis_name` for it).
         """
         check_float_input(x)
         if not isinstance(state, eqx.nn.State):

@@ -69,6 +69,31 @@ class _BatchNorm(Module):
             self._state["running_mean"] = _tensor(np.zeros(num_features, np.float32))
             self._state["running_var"] = _tensor(np.ones(num_features, np.float32))
             self._state["num_batches_tracked"] = _tensor(np.array(0, np.int64))
+        self.eps, self.momentum = eps, momentum
+
+    def __call__(self, x):
+        """PyTorch's BatchNorm on channels at axis 1: batch statistics in training (the
+        running ones updated with the unbiased variance), the running ones in eval."""
+        x = np.asarray(x, np.float64)
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        shape = [1] * x.ndim
+        shape[1] = -1
+        if self.training or "running_mean" not in self._state:
+            mean, var = x.mean(axes), x.var(axes)
+            if "running_mean" in self._state and self.momentum is not None:
+                n = x.size // x.shape[1]
+                m, s = self.momentum, self._state
+                s["running_mean"] = _tensor(((1 - m) * s["running_mean"] + m * mean)
+                                            .astype(np.float32))
+                s["running_var"] = _tensor(((1 - m) * s["running_var"] + m * var * n / (n - 1))
+                                           .astype(np.float32))
+        else:
+            mean, var = self._state["running_mean"], self._state["running_var"]
+        y = (x - np.reshape(mean, shape)) / np.sqrt(np.reshape(var, shape) + self.eps)
+        if self.affine:
+            y = y * np.reshape(self._state["weight"], shape) + np.reshape(
+                self._state["bias"], shape)
+        return _tensor(y.astype(np.float32))
 
 
 class BatchNorm1d(_BatchNorm):

@@ -130,6 +130,7 @@ TRIGGERS: list[tuple[str, str, str]] = [
     ("Functional core", "var", "ebn.normalize(x, jnp.zeros(3), jnp.ones(2))"),
     ("Functional core", "batch", "ebn.update_running_average(jnp.zeros(3), jnp.ones(2), 0.9)"),
     # ------------------------------------------------------------------ converters
+    ("Converters", "nnx_batch_norm", "ebn.from_nnx(bn)"),
     ("Converters", "variables", "ebn.from_flax([])"),
     ("Converters", "variables", "ebn.from_flax({})"),
     ("Converters", "variables", 'ebn.from_flax({"params": {}, "batch_stats": {}})'),
