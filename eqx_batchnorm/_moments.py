@@ -43,7 +43,7 @@ from jax import lax
 from jaxtyping import Array
 
 from . import _backend
-from ._participants import Participants, leading
+from ._participants import Participants, leading, sharded_along
 
 # The plain sums are trusted while E[x^2] <= 4 var, i.e. mean^2 <= 3 var: the subtraction
 # E[x^2] - E[x]^2 then loses at most two bits.
@@ -144,10 +144,20 @@ def _shift(xc: Array, m: Array | None, red: tuple[int, ...]) -> Array:
     return jnp.where(n > 0, head_mean, _first_valid_sample(xc, m, red))
 
 
+def _first(v: Array, red: tuple[int, ...]) -> Array:
+    """`v` at index 0 along each of `red` (which are dropped)."""
+    for a in red:
+        v = leading(v, a, 1)
+    return jnp.squeeze(v, red)
+
+
 def _first_valid_sample(xc: Array, m: Array, red: tuple[int, ...]) -> Array:
     """`xc` at the first unmasked position along `red`, per feature (0 where none is):
     a min-reduction of positions over the mask, then a gather of one value per
-    feature."""
+    feature. Under explicit sharding of the reduced axes, where JAX cannot gather
+    unambiguously: the first sample, if it is valid."""
+    if sharded_along(xc, red):
+        return jnp.where(_first(m, red), _first(xc, red), 0)
     sizes = tuple(xc.shape[a] for a in red)
     n = math.prod(sizes)
     position = sum(lax.broadcasted_iota(jnp.int32, xc.shape, a) * math.prod(sizes[i + 1:])
