@@ -338,18 +338,24 @@ class Section:
                 **self.extra}
 
 
-def run_stack(case: Case, layers: int, rounds: int, compile_rounds: int,
-              sample_s: float) -> Section:
-    steps = stack_steps(case, layers)
-    out = Section(f"{layers} layers, x {case.label}")
+def _measure(title: str, steps: dict[str, Step], baseline: Any, rounds: int,
+             compile_rounds: int, sample_s: float) -> Section:
+    """Trace, lower, compile and step times of `steps`, and their BatchNorms' share."""
+    out = Section(title)
     costs = compile_costs(steps, compile_rounds)
     for phase, samples in costs["samples"].items():
         out.add(phase, samples)
     out.extra["equations"] = costs["equations"]
     step = alternate(costs["calls"], rounds, sample_s)
     out.add("step", step)
-    out.extra["bn_cost_s"] = bn_costs({"step": step, **costs["samples"]}, BASELINE)
+    out.extra["bn_cost_s"] = bn_costs({"step": step, **costs["samples"]}, baseline)
     return out
+
+
+def run_stack(case: Case, layers: int, rounds: int, compile_rounds: int,
+              sample_s: float) -> Section:
+    return _measure(f"{layers} layers, x {case.label}", stack_steps(case, layers), BASELINE,
+                    rounds, compile_rounds, sample_s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,17 +508,9 @@ def resnet_steps(demo: Any, batch: int) -> dict[str, Step]:
 
 
 def run_resnet(batch: int, rounds: int, compile_rounds: int, sample_s: float) -> Section:
-    steps = resnet_steps(load_demo(), batch)
-    out = Section(f"digits ResNet, batch {batch}")
-    costs = compile_costs(steps, compile_rounds)
-    for phase, samples in costs["samples"].items():
-        out.add(phase, samples)
-    out.extra["equations"] = costs["equations"]
-    step = alternate(costs["calls"], rounds, sample_s)
-    out.add("step", step)
-    out.extra["bn_cost_s"] = bn_costs({"step": step, **costs["samples"]},
-                                      {k: "no BN" for k in ("Flax", "ours", "eqx")})
-    return out
+    return _measure(f"digits ResNet, batch {batch}", resnet_steps(load_demo(), batch),
+                    {k: "no BN" for k in ("Flax", "ours", "eqx")}, rounds, compile_rounds,
+                    sample_s)
 
 
 # ---------------------------------------------------------------------------------------
