@@ -15,16 +15,15 @@ estimator and the derivatives run in the statistics dtype, as Flax's do.
   collective per pass.
 - `"shifted"`: one pass over $x - K$, with $K$ the mean of a few of the participant's own
   valid samples (so $x - K$ is small and the sums do not cancel); participants across
-  devices combine
-  with Chan's parallel formula over one `all_gather`, participants of `vmap` names share
-  one shift and combine with one `psum`.
+  devices combine with Chan's parallel formula over one `all_gather`, participants of
+  `vmap` names share one shift and combine with one `psum`.
 - `"summed"`: the plain sums $\sum x$, $\sum x^2$ (one collective), checked: only where
   $\mu^2 > 3\sigma^2$ for some feature, where the plain formula would lose more than two
   bits, a second pass shifted by the first pass's mean runs under `lax.cond`.
 
-`estimator` picks one, in one place. The two one-pass estimators are exact to rounding
-(relative error of the variance about $10^{-7}$ in float32 at $|\mu|/\sigma = 10^4$);
-which is faster depends on the backend.
+`estimator` picks one, in one place. The two one-pass estimators stay exact to rounding
+however far the mean is from zero; which is faster depends on the backend
+(`docs/benchmarks.md`).
 
 **Gradients.** The statistics carry a hand-written JVP, $\dot\mu = \frac1N\sum\dot x$,
 $\dot{\sigma^2} = \frac2N\sum (x-\mu)\dot x$, with one (grouped) `psum`. JAX transposes
