@@ -307,9 +307,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             check_mask(mask, shape)
         r_max = check_call_bound("renorm_r_max", renorm_r_max, 1.0)
         d_max = check_call_bound("renorm_d_max", renorm_d_max, 0.0)
+        # `x` and `mask` are fully checked above; the annotations add only these.
         check_annotations("BatchNorm.__call__", _CALL_HINTS,
-                          {"x": x, "key": key, "mask": mask, "renorm_r_max": r_max,
-                           "renorm_d_max": d_max})
+                          {"key": key, "renorm_r_max": r_max, "renorm_d_max": d_max})
         feature_axes = canonical_feature_axes(as_axis_tuple(self.axis), x.ndim, shape)
         got = tuple(shape[a] for a in feature_axes)
         if got != self.feature_shape:
@@ -364,9 +364,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
 
 _CALL_HINTS = {
-    "x": Shaped[Array | np.ndarray, "*shape"],
     "key": PRNGKeyArray,
-    "mask": Shaped[Array | np.ndarray, "..."],
     "renorm_r_max": float | Float[Array | np.ndarray, ""],
     "renorm_d_max": float | Float[Array | np.ndarray, ""],
 }

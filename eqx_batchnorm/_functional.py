@@ -38,12 +38,6 @@ class BatchStatistics(NamedTuple):
 _moments_jit = jax.jit(_moments.moments, static_argnums=2)
 _normalize_jit = jax.jit(_normalize.normalize_kernel, static_argnums=0)
 
-_STATISTICS_HINTS = {
-    "x": Shaped[Array | np.ndarray, "*shape"],
-    "mask": Bool[Array | np.ndarray, "..."],
-}
-
-
 def batch_statistics(
     x: Shaped[Array | np.ndarray, "*shape"],
     axis: int | Sequence[int] = -1,
@@ -98,8 +92,6 @@ def batch_statistics(
     _validate.check_float_input(x)
     if mask is not None:
         _validate.check_mask(mask, tuple(x.shape))
-    _validate.check_annotations("batch_statistics", _STATISTICS_HINTS,
-                                {"x": x, "mask": mask})
     feature_axes = _validate.canonical_feature_axes(_validate.as_axis_tuple(axis), x.ndim,
                                                     tuple(x.shape))
     names = _validate.as_names(_validate.check_axis_name(axis_name))
