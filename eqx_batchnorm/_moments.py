@@ -1,34 +1,21 @@
 r"""The batch statistics: three estimators of the mean and biased variance, and their JVP.
 
-Private and unchecked: the public entry points validate their arguments, then call
-`moments`. Every estimator computes
+Private and unchecked: the public entry points validate, then call `moments`, which
+computes $\mu = \frac{1}{N} \sum_{i \in \mathcal{M}} x_i$ and
+$\sigma^2 = \frac{1}{N} \sum_{i \in \mathcal{M}} (x_i - \mu)^2$ over the unmasked
+positions $\mathcal{M}$ of every participant of a group. `estimator` picks, in one place:
 
-$$\mu = \frac{1}{N} \sum_{i \in \mathcal{M}} x_i, \qquad
-  \sigma^2 = \frac{1}{N} \sum_{i \in \mathcal{M}} (x_i - \mu)^2$$
+- `"two_pass"` (`use_fast_variance=False`): the mean, then $\sum (x - \mu)^2$, in the
+  statistics dtype as Flax's.
+- `"shifted"`: one pass over $x - K$, $K$ the mean of a few leading valid samples, so
+  the sums do not cancel; participants across devices combine by Chan's formula.
+- `"summed"`: the plain sums $\sum x$, $\sum x^2$, and a second pass shifted by the
+  first mean (under `lax.cond`) only where $\mu^2 > 3\sigma^2$ for some feature.
 
-over the unmasked positions $\mathcal{M}$ of every participant of its group. The one-pass
-estimators accumulate in at least float32 (their sums of shifted squares would round
-away the spread in half precision) and return the statistics dtype; the two-pass
-estimator and the derivatives run in the statistics dtype, as Flax's do.
-
-- `"two_pass"` (`use_fast_variance=False`): the mean, then $\sum (x - \mu)^2$; one
-  collective per pass.
-- `"shifted"`: one pass over $x - K$, with $K$ the mean of a few of the participant's own
-  valid samples (so $x - K$ is small and the sums do not cancel); participants across
-  devices combine with Chan's parallel formula over one `all_gather`, participants of
-  `vmap` names share one shift and combine with one `psum`.
-- `"summed"`: the plain sums $\sum x$, $\sum x^2$ (one collective), checked: only where
-  $\mu^2 > 3\sigma^2$ for some feature, where the plain formula would lose more than two
-  bits, a second pass shifted by the first pass's mean runs under `lax.cond`.
-
-`estimator` picks one, in one place. The two one-pass estimators stay exact to rounding
-however far the mean is from zero; which is faster depends on the backend
-(`docs/benchmarks.md`).
-
-**Gradients.** The statistics carry a hand-written JVP, $\dot\mu = \frac1N\sum\dot x$,
-$\dot{\sigma^2} = \frac2N\sum (x-\mu)\dot x$, with one (grouped) `psum`. JAX transposes
-it for reverse mode; the tangent is rematerialised, so reverse mode keeps `x` itself as
-the residual, never a float32 copy of a half-precision `x`.
+The one-pass sums accumulate in at least float32 (half precision would round away the
+spread). **Gradients:** a hand-written JVP, $\dot\mu = \frac1N\sum\dot x$,
+$\dot{\sigma^2} = \frac2N\sum (x-\mu)\dot x$, one (grouped) `psum`, rematerialised so
+that reverse mode keeps `x` as the residual.
 """
 
 import functools
@@ -73,8 +60,6 @@ class Config(NamedTuple):
 
     @property
     def accumulate(self) -> Any:
-        # Half-precision statistics are still accumulated in float32: a bfloat16 `x - K`
-        # or `x * x` would round away the spread the sums measure.
         return jnp.promote_types(self.dtype, jnp.float32)
 
 
@@ -126,12 +111,8 @@ _SHIFT_SAMPLES = 32
 
 
 def _shift(xc: Array, m: Array | None, red: tuple[int, ...]) -> Array:
-    """A shift close to the mean, per feature: the mean of the valid values among the
-    first few samples along the reduced axes.
-
-    Where those hold no valid value (masked out), the first valid value along all the
-    reduced axes; 0 where there is none.
-    """
+    """Per feature, the mean of the valid values among the first few samples; where
+    there are none, the first valid value along the reduced axes (0 if none)."""
     inner = math.prod(xc.shape[a] for a in red[1:])
     k = min(xc.shape[red[0]], -(-_SHIFT_SAMPLES // max(inner, 1)))
     head = leading(xc, red[0], k)
@@ -151,10 +132,9 @@ def _first(v: Array, red: tuple[int, ...]) -> Array:
 
 
 def _first_valid_sample(xc: Array, m: Array, red: tuple[int, ...]) -> Array:
-    """`xc` at the first unmasked position along `red`, per feature (0 where none is):
-    a min-reduction of positions over the mask, then a gather of one value per
-    feature. Under explicit sharding of the reduced axes, where JAX cannot gather
-    unambiguously: the first sample, if it is valid."""
+    """`xc` at the first unmasked position along `red`, per feature (0 where none is).
+    Under explicit sharding of the reduced axes, where JAX cannot gather unambiguously:
+    the first sample, if it is valid."""
     if sharded_along(xc, red):
         return jnp.where(_first(m, red), _first(xc, red), 0)
     sizes = tuple(xc.shape[a] for a in red)
@@ -240,13 +220,8 @@ def _summed(x: Array, mask: Array | None, p: Participants, cfg: Config) -> _Mome
 @functools.cache
 def _refinement(cfg: Config):
     """The two branches of `_summed`'s `lax.cond`, built once per configuration so that
-    JAX's caches recognise them on every later call.
-
-    They take `x` itself (an operand of a `lax.cond` is materialised, and a float32 copy
-    of a half-precision `x` would be one) and return the statistics themselves, so that
-    they reach the normalisation as vectors rather than as formulas XLA would
-    re-evaluate for every element.
-    """
+    JAX's caches hit. They take `x` itself (a cond's operand is materialised: a float32
+    copy of a half-precision `x` would be) and return the statistics as vectors."""
     red = cfg.reduction_axes
 
     def refined(x, mask, mean, var, total):

@@ -2,29 +2,23 @@ r"""Normalisation with given statistics: the elementwise half of BatchNorm.
 
 Private and unchecked: the public entry points validate, then call `normalize_kernel`.
 
-**Gradients.** `normalize` carries a hand-written JVP. Autodiff of
-$y = (x-\mu)\,a + \beta$, $a = \gamma\,(\sigma^2+\epsilon)^{-1/2}$, would take the
-cotangent of $\mu$ as $\sum_i \bar y_i a$: a full-size product that XLA materialises
-because the same product also feeds $\bar x$. Written per feature instead,
+**Gradients.** Autodiff of $y = (x-\mu)\,a + \beta$, $a = \gamma\,(\sigma^2+\epsilon)^{-1/2}$,
+would take the cotangent of $\mu$ as $\sum_i \bar y_i a$, a full-size product that XLA
+materialises because it also feeds $\bar x$. The hand-written JVP is per feature instead,
 
 $$\dot y = a\,\dot x + (x-\mu)\,v + c,\qquad
   v = \dot\gamma\,(\sigma^2+\epsilon)^{-1/2}
       - \tfrac12\,\gamma\,(\sigma^2+\epsilon)^{-3/2}\,\dot{\sigma^2},
   \qquad c = \dot\beta - a\,\dot\mu,$$
 
-its transpose is the classic backward: two reductions, $\sum \bar y$ and
-$\sum \bar y\,(x-\mu)$, and one elementwise pass for $\bar x$. The JVP is linear in the
-tangents, so JAX transposes it for reverse mode, and forward mode and higher orders
-work as for any JAX function. The tangent is rematerialised (`jax.checkpoint`): what
-reverse mode keeps from the forward pass is `x` itself, never a float32 copy of a
-half-precision `x`.
+linear in the tangents, so JAX transposes it into the classic backward (two reductions,
+$\sum \bar y$ and $\sum \bar y\,(x-\mu)$, and one elementwise pass). It is rematerialised:
+reverse mode keeps `x` itself, never a float32 copy of a half-precision `x`.
 
-On XLA:CPU a reduction fuses a plain product of two arrays faster than a longer chain of
-elementwise operations, so there the second reduction is taken as
-$\sum \bar y\,x - \mu \sum \bar y$ (`backward="expanded"`; elsewhere as written). That
-costs a relative error of about $\varepsilon\,|\mu|/\sigma$ in the gradient of $\gamma$
-and $\sigma^2$ (float32: $10^{-5}$ at $|\mu| = 100\,\sigma$), and in the term of $\bar x$
-along $x - \mu$.
+XLA:CPU fuses a reduction of a plain product faster than a longer chain, so there the
+second reduction is $\sum \bar y\,x - \mu \sum \bar y$ (`backward="expanded"`), at a
+relative cost of about $\varepsilon\,|\mu|/\sigma$ in the gradients of $\gamma$ and
+$\sigma^2$.
 """
 
 import functools
@@ -102,16 +96,16 @@ def _tangent_fn(cfg: Config, dtype: Any):
     return jax.checkpoint(functools.partial(_tangent, cfg, dtype), prevent_cse=False)
 
 
+def _plus(a: Array | None, b: Array | None) -> Array | None:
+    return b if a is None else a if b is None else a + b
+
+
 def _tangent(cfg: Config, dtype: Any, x: Array, mean: Array, mul: Array,
              v: Array | None, c: Array | None, dx: Array | None) -> Array:
-    dy = None
-    if dx is not None:
-        dy = dx.astype(dtype) * mul.reshape(cfg.shape)
+    dy = None if dx is None else dx.astype(dtype) * mul.reshape(cfg.shape)
     if v is not None:
-        t = _centred_times(x, mean, v, cfg.shape, dtype, cfg.backward)
-        dy = t if dy is None else dy + t
-    if c is not None:
-        dy = c.reshape(cfg.shape) if dy is None else dy + c.reshape(cfg.shape)
+        dy = _plus(dy, _centred_times(x, mean, v, cfg.shape, dtype, cfg.backward))
+    dy = _plus(dy, None if c is None else c.reshape(cfg.shape))
     assert dy is not None
     return jnp.broadcast_to(dy, x.shape).astype(cfg.out_dtype)
 
@@ -123,17 +117,10 @@ def _normalize_jvp(cfg: Config, primals, tangents):
     inv = lax.rsqrt(var + cfg.epsilon)
     mul = inv if scale is None else inv * scale
     dtype = jnp.result_type(x, mean, mul, *(() if bias is None else (bias,)))
-    v = None  # the coefficient of (x - mean)
-    if dscale is not None:
-        v = dscale * inv
-    if dvar is not None:
-        dv = -0.5 * (mul * (inv * inv)) * dvar
-        v = dv if v is None else v + dv
-    c = None  # the constant per feature
-    if dbias is not None:
-        c = dbias
-    if dmean is not None:
-        c = -mul * dmean if c is None else c - mul * dmean
+    # v: the coefficient of (x - mean); c: the constant, per feature.
+    v = _plus(None if dscale is None else dscale * inv,
+              None if dvar is None else -0.5 * (mul * (inv * inv)) * dvar)
+    c = _plus(dbias, None if dmean is None else -mul * dmean)
     if dx is None and v is None and c is None:
         return y, jnp.zeros_like(y)
     dy = _tangent_fn(cfg, dtype)(x, mean, mul, v, c, dx)
