@@ -21,7 +21,8 @@ Three sections, each measured in one process with the method of `benchmarks/benc
   step, with each BatchNorm in the same place, and with none (identity): the BatchNorm's
   cost per step is the model's step minus the no-BatchNorm step.
 
-Variants: `ours` (`ebn.BatchNorm(C)` on an NHWC batch), `ours vmap`
+Variants: `ours` (`ebn.BatchNorm(C)` on an NHWC batch), `Flax NCHW` (Flax's layer with
+`axis=1` on the NCHW batch: the per-example variants' memory layout), `ours vmap`
 (`ebn.BatchNorm(C, axis=0, axis_name="batch")` on (C, H, W) examples under
 `jax.vmap(..., axis_name="batch")`, as Equinox models are written), `Flax`
 (`flax.linen.BatchNorm`, NHWC batch) and `eqx` (`eqx.nn.BatchNorm(C, axis_name="batch",
@@ -66,12 +67,12 @@ LAYERS = 53  # ResNet-50's BatchNorms
 SHAPES = ((32, 8, 8, 16), (64, 16, 16, 64))  # logical (N, H, W, C)
 DTYPES = B.DTYPES
 LR = 1e-2
-STACK_VARIANTS = ("Flax", "ours", "ours vmap", "eqx", "no BN", "no BN vmap")
+STACK_VARIANTS = ("Flax", "Flax NCHW", "ours", "ours vmap", "eqx", "no BN", "no BN vmap")
 # The same stacks with the identity for BatchNorm, batched and per example: the
 # BatchNorms' cost is a stack's time less that of the one without, in the same layout.
-BASELINE = {"Flax": "no BN", "ours": "no BN", "ours vmap": "no BN vmap",
-            "eqx": "no BN vmap"}
-EAGER_VARIANTS = STACK_VARIANTS[:4]
+BASELINE = {"Flax": "no BN", "Flax NCHW": "no BN vmap", "ours": "no BN",
+            "ours vmap": "no BN vmap", "eqx": "no BN vmap"}
+EAGER_VARIANTS = ("Flax", "ours", "ours vmap", "eqx")
 RESNET_VARIANTS = ("Flax", "ours", "eqx", "no BN")
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "digits_demo.py"
 
@@ -157,15 +158,22 @@ class Stack(eqx.Module):
 
 
 class FlaxStack(nn.Module):
+    """The stack in Flax, on an NHWC batch or, `channels_first`, on an NCHW one (the
+    memory layout of the per-example variants, whose examples are (C, H, W))."""
+
     layers: int
+    channels_first: bool = False
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
+        axis = 1 if self.channels_first else -1
+        c = x.shape[axis]
         for i in range(self.layers):
-            y = nn.BatchNorm(use_running_average=False)(x)
+            y = nn.BatchNorm(use_running_average=False, axis=axis)(x)
             w = self.param(f"weight_{i}", lambda key, c: jnp.eye(c), c)
-            x = _between(y, w, x.dtype, channels_first=False)
+            x = (jnp.einsum("nchw,cd->ndhw", jax.nn.relu(y).astype(x.dtype),
+                            w.astype(x.dtype)) if self.channels_first
+                 else _between(y, w, x.dtype, channels_first=False))
         return x
 
 
@@ -222,9 +230,11 @@ def stack_steps(case: Case, layers: int) -> dict[str, Step]:
         "no BN": (lambda c: NoNorm(), False),
         "no BN vmap": (lambda c: NoNorm(), True),
     }
-    flax_model = FlaxStack(layers)
-    steps = {"Flax": flax_step(flax_model, flax_model.init(jax.random.key(0), nhwc), (nhwc,),
-                               _mean_square)}
+    steps = {}
+    for name, channels_first, x in (("Flax", False, nhwc), ("Flax NCHW", True, nchw)):
+        flax_model = FlaxStack(layers, channels_first)
+        steps[name] = flax_step(flax_model, flax_model.init(jax.random.key(0), x), (x,),
+                                _mean_square)
     for name, (norm, per_example) in norms.items():
         model, state = eqx.nn.make_with_state(Stack)(norm, c, layers, per_example)
         steps[name] = equinox_step(model, state, (nchw if per_example else nhwc,),
@@ -332,6 +342,9 @@ class Section:
     def add(self, quantity: str, samples: dict[str, list[float]], ref: str = "Flax") -> None:
         self.medians[quantity] = {k: statistics.median(v) for k, v in samples.items()}
         self.ratios[quantity] = per_round_ratios(samples, ref)
+        if "Flax NCHW" in samples:  # the per-example variants' layout-matched anchor
+            self.extra.setdefault("ratio_to_Flax_NCHW", {})[quantity] = per_round_ratios(
+                samples, "Flax NCHW")
 
     def to_json(self) -> dict[str, Any]:
         return {"case": self.case, "median_s": self.medians, "ratio_to_Flax": self.ratios,
@@ -548,6 +561,22 @@ def stack_table(sections: list[Section]) -> str:
     return "\n".join(lines)
 
 
+def layout_table(sections: list[Section]) -> str:
+    """The per-example variants against Flax on the same (channels-first) memory layout."""
+    lines = ["| case | variant | **step/Flax NCHW** | BN/Flax NCHW's BN | **trace/Flax NCHW** "
+             "| **compile/Flax NCHW** | Flax NCHW compile/Flax |", "|" + "---|" * 7]
+    for s in sections:
+        by = s.extra["ratio_to_Flax_NCHW"]
+        cost = s.extra["bn_cost_s"]["step"]
+        for name in ("ours vmap", "eqx"):
+            share = cost[name] / cost["Flax NCHW"] if cost["Flax NCHW"] > 0 else None
+            lines.append(
+                f"| {s.case} | {name} | **{B._x(by['step'][name])}** | {B._x(share)} "
+                f"| **{B._x(by['trace'][name])}** | **{B._x(by['compile'][name])}** "
+                f"| {B._x(s.ratios['compile']['Flax NCHW'])} |")
+    return "\n".join(lines)
+
+
 def eager_table(sections: list[Section]) -> str:
     lines = ["| case | variant | ms per call | **call/Flax** | compiles, call 1 "
              "| compiles, later calls | traces, later calls |", "|" + "---|" * 7]
@@ -655,7 +684,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{rounds} rounds. BN ms: median per-round difference to the stack without "
             "BatchNorm in the same layout (`no BN`: NHWC batch; `no BN vmap`: per "
             "example); BN/Flax's BN: ratio of those medians. Equations: the step's jaxpr, "
-            "top level (all, sub-jaxprs included).", "", stack_table(done), ""])
+            "top level (all, sub-jaxprs included).", "", stack_table(done), "",
+            "Per example, the batch is laid out channels-first (N, C, H, W); `Flax NCHW` is "
+            "Flax's BatchNorm (`axis=1`) on that layout, the same network otherwise:", "",
+            layout_table(done), ""])
     if "eager" in sections:
         done = []
         for case in cases:
