@@ -100,7 +100,8 @@ def test_deep_quick_mode_measures_every_section(deep, tmp_path, capsys):
     deep.main(["--quick", "--rounds", "1", "--layers", "2", "--eager-calls", "2",
                "--json", str(raw)])
     printed = capsys.readouterr().out
-    for heading in ("### A stack of 2 BatchNorms", "### One layer's eager training call",
+    for heading in ("### A stack of 2 BatchNorms", "`Flax NCHW` is",
+                    "### One layer's eager training call",
                     "### The demo's ResNet (examples/digits_demo.py)"):
         assert heading in printed
     data = json.loads(raw.read_text())
@@ -116,7 +117,10 @@ def test_deep_quick_mode_measures_every_section(deep, tmp_path, capsys):
         positive(stack["median_s"][quantity], deep.STACK_VARIANTS)
         positive(stack["ratio_to_Flax"][quantity], deep.STACK_VARIANTS)
         assert stack["ratio_to_Flax"][quantity]["Flax"] == 1.0
-        assert set(stack["bn_cost_s"][quantity]) == {"Flax", "ours", "ours vmap", "eqx"}
+        assert set(stack["bn_cost_s"][quantity]) == {"Flax", "Flax NCHW", "ours",
+                                                     "ours vmap", "eqx"}
+        positive(stack["ratio_to_Flax_NCHW"][quantity], deep.STACK_VARIANTS)
+        assert stack["ratio_to_Flax_NCHW"][quantity]["Flax NCHW"] == 1.0
     for counts in stack["equations"].values():
         assert 0 < counts["top level"] <= counts["total"]
     assert stack["equations"]["no BN"]["total"] < stack["equations"]["ours"]["total"]
