@@ -220,7 +220,28 @@ class Case:
         return x, jnp.transpose(x, (0, 3, 1, 2))
 
 
-def stack_steps(case: Case, layers: int) -> dict[str, Step]:
+def _with_estimator(step: Step, name: str) -> Step:
+    """`step` traced with the one-pass estimator `name` forced (a private hook: the
+    layer picks its estimator per backend), to weigh the alternatives on one machine."""
+    from eqx_batchnorm import _moments
+
+    def make():
+        inner = step.make()
+
+        def traced(*args):
+            chosen = _moments.estimator
+            _moments.estimator = lambda fast: name if fast else "two_pass"
+            try:
+                return inner(*args)
+            finally:
+                _moments.estimator = chosen
+
+        return traced
+
+    return Step(make, step.args)
+
+
+def stack_steps(case: Case, layers: int, estimators: tuple[str, ...] = ()) -> dict[str, Step]:
     c = case.shape[3]
     nhwc, nchw = case.inputs()
     norms = {
@@ -239,6 +260,9 @@ def stack_steps(case: Case, layers: int) -> dict[str, Step]:
         model, state = eqx.nn.make_with_state(Stack)(norm, c, layers, per_example)
         steps[name] = equinox_step(model, state, (nchw if per_example else nhwc,),
                                    _mean_square, per_example)
+    for est in estimators:
+        steps[f"ours {est}"] = _with_estimator(steps["ours"], est)
+        steps[f"ours vmap {est}"] = _with_estimator(steps["ours vmap"], est)
     return steps
 
 
@@ -366,9 +390,11 @@ def _measure(title: str, steps: dict[str, Step], baseline: Any, rounds: int,
 
 
 def run_stack(case: Case, layers: int, rounds: int, compile_rounds: int,
-              sample_s: float) -> Section:
-    return _measure(f"{layers} layers, x {case.label}", stack_steps(case, layers), BASELINE,
-                    rounds, compile_rounds, sample_s)
+              sample_s: float, estimators: tuple[str, ...] = ()) -> Section:
+    baseline = {**BASELINE, **{f"ours {e}": "no BN" for e in estimators},
+                **{f"ours vmap {e}": "no BN vmap" for e in estimators}}
+    return _measure(f"{layers} layers, x {case.label}", stack_steps(case, layers, estimators),
+                    baseline, rounds, compile_rounds, sample_s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,7 +574,7 @@ def stack_table(sections: list[Section]) -> str:
              "| trace ms | **trace/Flax** | lower ms | **lower/Flax** | XLA compile ms "
              "| **compile/Flax** | BN compile ms | jaxpr eqns (total) |", "|" + "---|" * 14]
     for s in sections:
-        for name in STACK_VARIANTS:
+        for name in s.medians["step"]:
             eq = s.extra["equations"][name]
             lines.append(
                 f"| {s.case} | {name} | {B._ms(s.medians['step'][name])} "
@@ -630,6 +656,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "25 ms elsewhere; a sample is at least one call)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated subset of " + ", ".join(SECTIONS))
+    p.add_argument("--estimators", default="",
+                   help="stack: also our layer with each of these one-pass estimators "
+                   "forced (comma-separated: summed, shifted), e.g. to weigh XLA:CPU's "
+                   "choice")
     p.add_argument("--json", default=None, help="also write the raw numbers to this file "
                    "(rewritten after each section)")
     return p.parse_args(argv)
@@ -674,7 +704,8 @@ def main(argv: list[str] | None = None) -> None:
     if "stack" in sections:
         done = []
         for case in cases:
-            done.append(run_stack(case, layers, rounds, compile_rounds, sample_s))
+            done.append(run_stack(case, layers, rounds, compile_rounds, sample_s,
+                                  tuple(e for e in args.estimators.split(",") if e)))
             log(f"stack {case.label}: step/Flax {done[-1].ratios['step']}")
         emit("stack", [s.to_json() for s in done], [
             f"### A stack of {layers} BatchNorms: one SGD step", "",
