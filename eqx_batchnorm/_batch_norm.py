@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from . import _moments, _normalize
 from ._errors import BatchNormError, fail
-from ._functional import running_average
+from ._functional import moments_config, normalize_config, running_average
 from ._participants import like_running
 from ._validate import (
     as_axis_tuple,
@@ -28,13 +28,11 @@ from ._validate import (
     check_mask,
     check_num_features,
     check_optional_flag,
-    check_participants,
-    check_reducible,
     check_running_stays_unmapped,
     check_scalar,
     check_state_on_mesh,
-    check_vmap_batch_unsharded,
     feature_order,
+    one_or_all,
 )
 
 Initializer = Callable[..., Array]
@@ -233,10 +231,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.use_fast_variance = check_flag("use_fast_variance", use_fast_variance)
         self.force_float32_reductions = check_flag("force_float32_reductions",
                                                    force_float32_reductions)
-        self.inference = _merge_flags(
-            "inference", check_optional_flag("inference", inference),
-            check_optional_flag("use_running_average", use_running_average),
-            default=False)
+        self.inference = _merge_flags(inference, use_running_average, default=False)
         self.skip_nonfinite_updates = check_flag("skip_nonfinite_updates",
                                                  skip_nonfinite_updates)
         self.renorm = check_flag("renorm", renorm)
@@ -317,12 +312,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
                        f"`axis={self.axis}`", f"shape {shape}, which has {got} there",
                        "pass `x` with the features on `axis` (under `jax.vmap`, `x` is "
                        "one example: use `axis=0` for channels-first), or construct "
-                       f"`BatchNorm({got[0] if len(got) == 1 else got}, ...)`")
+                       f"`BatchNorm({one_or_all(got)}, ...)`")
         running = _get_running(state, self)
-        use_running = _merge_flags(
-            "inference", check_optional_flag("inference", inference),
-            check_optional_flag("use_running_average", use_running_average),
-            default=_field_flag(self.inference))
+        use_running = _merge_flags(inference, use_running_average,
+                                   default=_field_flag(self.inference))
         update_stats = check_optional_flag("update_stats", update_stats)
         update = (not use_running) if update_stats is None else update_stats
         if not self.renorm and (r_max is not None or d_max is not None):
@@ -334,23 +327,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         names = as_names(self.axis_name)
         moments = None
         if not use_running or update:
-            check_reducible(shape, feature_axes, bool(names))
-            check_participants(names, self.axis_index_groups)
-            check_vmap_batch_unsharded(x, names)
-            moments = _moments.Config(
-                tuple(a for a in range(x.ndim) if a not in feature_axes), names,
-                self.axis_index_groups, _moments.estimator(self.use_fast_variance),
-                _moments.statistics_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+            moments = moments_config(x, feature_axes, names, self.axis_index_groups,
+                                     self.use_fast_variance, self.dtype,
+                                     self.force_float32_reductions)
         if update:
             check_running_stays_unmapped(x, running.mean, names)
             check_state_on_mesh(x, running.mean)
         renorm = self.renorm and not use_running
         plan = _Plan(
             moments=moments,
-            norm=_normalize.Config(
-                tuple(s if a in feature_axes else 1 for a, s in enumerate(shape)),
-                self.epsilon, _normalize.output_dtype(x, self.scale, self.bias, self.dtype),
-                _normalize.backward_form()),
+            norm=normalize_config(x, feature_axes, self.epsilon, self.scale, self.bias,
+                                  self.dtype),
             use_running=use_running, update=update, renorm=renorm,
             momentum=self.momentum, skip_nonfinite=self.skip_nonfinite_updates,
             running_dtype=None if self.force_float32_reductions else self.param_dtype)
@@ -429,17 +416,15 @@ def _renorm_affine(epsilon, mean, var, mean_r, var_r, scale, bias, r_max, d_max)
     return gamma * r, gamma * d + beta
 
 
-def _merge_flags(name: str, equinox_flag: bool | None, flax_flag: bool | None,
-                 default: bool) -> bool:
-    if equinox_flag is not None and flax_flag is not None and bool(equinox_flag) != bool(
-            flax_flag):
-        raise fail(name, "`inference` and `use_running_average` to agree (they are "
+def _merge_flags(inference: Any, use_running_average: Any, default: bool) -> bool:
+    """`inference` and its Flax alias `use_running_average`, each checked, as one flag."""
+    equinox_flag = check_optional_flag("inference", inference)
+    flax_flag = check_optional_flag("use_running_average", use_running_average)
+    if equinox_flag is not None and flax_flag is not None and equinox_flag != flax_flag:
+        raise fail("inference", "`inference` and `use_running_average` to agree (they are "
                    "aliases)", f"inference={equinox_flag}, use_running_average={flax_flag}",
                    "pass only one of them")
-    for flag in (equinox_flag, flax_flag):
-        if flag is not None:
-            return bool(flag)
-    return bool(default)
+    return next((f for f in (equinox_flag, flax_flag) if f is not None), default)
 
 
 def _field_flag(value: Any) -> bool:

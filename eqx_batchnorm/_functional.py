@@ -1,8 +1,7 @@
 r"""The public functional core: `batch_statistics`, `normalize`, `update_running_average`.
 
 Each validates its arguments once, then calls the private kernels of `_moments.py` and
-`_normalize.py` (compiled once per static configuration, so un-jitted calls are cheap).
-`BatchNorm` calls those kernels itself, never these functions.
+`_normalize.py`, as `BatchNorm` does (with the configurations built here).
 """
 
 from collections.abc import Hashable, Sequence
@@ -35,8 +34,30 @@ class BatchStatistics(NamedTuple):
     axis_var: Array
 
 
+# Compiled once per static configuration, so un-jitted calls are cheap.
 _moments_jit = jax.jit(_moments.moments, static_argnums=2)
 _normalize_jit = jax.jit(_normalize.normalize_kernel, static_argnums=0)
+
+
+def moments_config(x: Any, feature_axes: tuple[int, ...], names: tuple[Hashable, ...],
+                   groups: tuple[tuple[int, ...], ...] | None, use_fast_variance: bool,
+                   dtype: Any, force_float32_reductions: bool) -> _moments.Config:
+    """Checks that `x` has statistics to take here, then configures `moments` for them."""
+    _validate.check_reducible(tuple(x.shape), feature_axes, bool(names))
+    _validate.check_participants(names, groups)
+    _validate.check_vmap_batch_unsharded(x, names)
+    return _moments.Config(
+        tuple(a for a in range(x.ndim) if a not in feature_axes), names, groups,
+        _moments.estimator(use_fast_variance),
+        _moments.statistics_dtype(x.dtype, dtype, force_float32_reductions))
+
+
+def normalize_config(x: Any, feature_axes: tuple[int, ...], epsilon: float, scale: Any,
+                     bias: Any, dtype: Any) -> _normalize.Config:
+    return _normalize.Config(
+        tuple(s if a in feature_axes else 1 for a, s in enumerate(x.shape)), epsilon,
+        _normalize.output_dtype(x, scale, bias, dtype), _normalize.backward_form())
+
 
 def batch_statistics(
     x: Shaped[Array | np.ndarray, "*shape"],
@@ -95,15 +116,10 @@ def batch_statistics(
     feature_axes = _validate.canonical_feature_axes(_validate.as_axis_tuple(axis), x.ndim,
                                                     tuple(x.shape))
     names = _validate.as_names(_validate.check_axis_name(axis_name))
-    _validate.check_reducible(tuple(x.shape), feature_axes, bool(names))
     groups = _validate.check_axis_index_groups(axis_index_groups, axis_name)
-    _validate.check_participants(names, groups)
-    _validate.check_vmap_batch_unsharded(x, names)
     fast = _validate.check_flag("use_fast_variance", use_fast_variance)
     force = _validate.check_flag("force_float32_reductions", force_float32_reductions)
-    cfg = _moments.Config(
-        tuple(a for a in range(x.ndim) if a not in feature_axes), names, groups,
-        _moments.estimator(fast), _moments.statistics_dtype(x.dtype, dtype, force))
+    cfg = moments_config(x, feature_axes, names, groups, fast, dtype, force)
     return BatchStatistics(*_moments_jit(x, mask, cfg))
 
 
@@ -179,9 +195,7 @@ def normalize(
                              f"{shape}, `axis={axis}`)", f"shape {tuple(mean.shape)}",
                              "pass statistics with one entry per feature, e.g. from "
                              "`ebn.batch_statistics(x, axis)`")
-    cfg = _normalize.Config(tuple(s if a in feature_axes else 1 for a, s in enumerate(shape)),
-                            0.0, _normalize.output_dtype(x, scale, bias, dtype),
-                            _normalize.backward_form())
+    cfg = normalize_config(x, feature_axes, 0.0, scale, bias, dtype)
     if isinstance(epsilon, int | float | np.floating | np.integer):
         eps = _validate.check_scalar("epsilon", epsilon, 0.0, finite=True)
         return _normalize_jit(cfg._replace(epsilon=eps), x, mean, var, scale, bias)

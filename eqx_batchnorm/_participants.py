@@ -1,30 +1,14 @@
 """Who the statistics are taken with, and every collective that reaches them.
 
-`Participants` is the one seam for communication: the estimators in `_moments.py` only
-ever call its methods (`sum`, `by_group`, `select`, `first_holding_data`), so a new
-collective strategy is an edit of this file alone.
-
-JAX implements grouped collectives only under `pmap`. Here `axis_index_groups` is
-emulated with collectives that exist under `vmap`, `pmap` and `shard_map` alike:
-
-- a grouped sum is one `psum` of a one-hot block with a slot per group, after which
-  every participant holds the sums of *all* groups (so the whole-axis average of the
-  group statistics costs nothing more);
-- a gather is one `all_gather` over the device (mesh) names, plus one per `vmap` name,
-  which `vmap` turns into a broadcast: no communication.
-
-Several names (`axis_name=("batch", "device")`) act as one axis whose index is the
-row-major combination of the names, first name outermost, as `lax.axis_index` does.
-
-**Replication.** Under `jax.shard_map` with `check_vma=True`, what every device computes
-from a `psum` or an invariant gather is typed as replicated, so running statistics
-derived from it can be returned with `out_specs=P()` and pass `eqx.nn.State.set`'s type
-check. A plain `lax.all_gather` would type its result as varying; the gathers here are
-therefore invariant ones.
+`Participants` is the one seam for communication: the estimators in `_moments.py` only call
+its methods, so a new collective strategy is an edit of this file alone. Groups are emulated
+with collectives that exist under `vmap`, `pmap` and `shard_map` alike, and gathers are
+invariant, so that statistics are typed as replicated under `shard_map` (see
+`docs/distributed.md`).
 """
 
 from collections.abc import Hashable
-from typing import cast
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +24,13 @@ def manual_axes() -> frozenset[Hashable]:
     return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
 
 
-def _bound_axis_names() -> tuple[str, ...]:
-    """The axis names bound where this is traced, for error messages (best effort)."""
-    try:
-        from jax._src import core  # the axis environment has no public accessor
-        sizes = core.get_axis_env().axis_sizes
-    except (ImportError, AttributeError):
-        return ()
-    return tuple(repr(n) for n in sizes if isinstance(n, str | int))
-
-
 def unbound_axis_name(name: Hashable) -> BatchNormError:
     """The error for an `axis_name` that no enclosing transform binds."""
-    bound = _bound_axis_names()
+    try:  # the names bound here, best effort: the axis environment has no public accessor
+        from jax._src import core
+        bound = [repr(n) for n in core.get_axis_env().axis_sizes if isinstance(n, str | int)]
+    except (ImportError, AttributeError):
+        bound = []
     return fail(
         "axis_name", "a name bound by an enclosing `jax.vmap`, `jax.pmap` or "
         "`jax.shard_map`", f"the unbound name {name!r} (bound here: "
@@ -67,30 +45,29 @@ def unbound_axis_name(name: Hashable) -> BatchNormError:
         "outside the differentiation instead: `jax.jit(jax.grad(...))`")
 
 
+def axis_size(names: tuple[Hashable, ...]) -> int:
+    """The number of participants of the named axes; each name must be bound here."""
+    size = 1
+    for name in names:
+        try:
+            size *= int(lax.axis_size(name))
+        except NameError:
+            raise unbound_axis_name(name) from None
+    return size
+
+
 class Participants:
-    """The participants of the named axes `names`, split into `groups`.
-
-    Built while tracing, from static information only. Without names there is one
-    participant in one group, and every collective is the identity.
-
-    - `count`: the number of groups, `G`; `members`: participants per group.
-    - `on_devices`: whether any name is a device (mesh) axis. Over `vmap` names alone,
-      every participant lives in one program and communication is free.
-    - `onehot`: `(G,)` booleans, True at this participant's group.
-    """
+    """The participants of the named axes `names`, split into `groups` (`count` groups of
+    `members`), built while tracing; without names, one participant and no collectives.
+    `on_devices`: whether any name is a mesh axis (else communication is free)."""
 
     def __init__(self, names: tuple[Hashable, ...],
                  groups: tuple[tuple[int, ...], ...] | None):
         self.names = names
-        manual = manual_axes()
-        self.mesh_names = frozenset(n for n in names if n in manual)
+        self.mesh_names = manual_axes() & frozenset(names)
         self.on_devices = bool(self.mesh_names)
-        size = 1
-        for name in names:
-            try:
-                size *= int(lax.axis_size(name))
-            except NameError:  # JAX traces a JVP rule lazily, possibly outside the vmap
-                raise unbound_axis_name(name) from None
+        # Checked again: JAX traces a JVP rule lazily, possibly outside the vmap.
+        size = axis_size(names)
         layout = (tuple(range(size)),) if groups is None else groups
         self.layout = np.asarray(layout, dtype=np.int32)  # (G, members)
         self.count, self.members = self.layout.shape
@@ -111,9 +88,8 @@ class Participants:
     def sum(self, parts: tuple[Array, ...]) -> tuple[Array, ...]:
         """Each part summed within every group: shapes `(G, *part.shape)`, one collective.
 
-        Without groups and across `vmap` names only, the parts go to one `psum` as a
-        tuple, not stacked: XLA then merges each local reduction with the sum over the
-        batch into one. Across devices they are stacked into one all-reduce.
+        Over `vmap` names without groups, the parts go to `psum` as a tuple, which XLA
+        merges with the local reductions; across devices, stacked into one all-reduce.
         """
         if not self.names:
             return tuple(v[None] for v in parts)
@@ -138,9 +114,8 @@ class Participants:
     def _all_gather(self, v: Array) -> Array:
         """Every participant's `v` in axis-index order: shape `(size, *v.shape)`.
 
-        Consecutive device names are gathered by one invariant `all_gather`, so the
-        result is typed as replicated under `shard_map`; `vmap` names one at a time (JAX
-        cannot mix them with mesh names in one gather), which costs no communication.
+        Consecutive mesh names take one invariant `all_gather` (typed as replicated);
+        `vmap` names one at a time, since JAX cannot mix them with mesh names in one.
         """
         runs: list[tuple[bool, list[Hashable]]] = []
         for name in self.names:
@@ -176,17 +151,13 @@ class Participants:
 
 
 def leading(x: Array, axis: int, k: int) -> Array:
-    """`x[:k]` along `axis`.
-
-    Under explicit sharding JAX refuses to slice part of a sharded axis; the slice is
-    then taken in auto mode, where the partitioner reads it from the shard that holds
-    it, as it does for any jit.
-    """
+    """`x[:k]` along `axis`; in auto mode where `axis` is explicitly sharded, since JAX
+    refuses to slice part of an explicitly sharded axis."""
     index = tuple(slice(0, k) if a == axis else slice(None) for a in range(x.ndim))
     if not sharded_along(x, (axis,)):
         return x[index]
     sharding = jax.typeof(x).sharding
-    spec = _spec(x)
+    spec = full_spec(x)
     out_spec = jax.sharding.PartitionSpec(*(None if a == axis else spec[a]
                                             for a in range(x.ndim)))
     take = jax.sharding.auto_axes(lambda v: v[index],
@@ -194,7 +165,8 @@ def leading(x: Array, axis: int, k: int) -> Array:
     return cast(Array, take(x))
 
 
-def _spec(x: Array) -> tuple:
+def full_spec(x: Any) -> tuple:
+    """The partition spec of `x`'s type, one entry per axis."""
     spec = tuple(jax.typeof(x).sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
 
@@ -203,23 +175,20 @@ def sharded_along(x: Array, axes: tuple[int, ...]) -> bool:
     """Whether `x` is explicitly sharded along any of `axes`."""
     if jax.typeof(x).sharding.mesh.empty:
         return False
-    spec = _spec(x)
+    spec = full_spec(x)
     return any(spec[a] is not None for a in axes)
 
 
-def like_running(new: Array, running: Array) -> Array:
-    """`new` with `running`'s sharding, so that `eqx.nn.State.set` (which compares
-    shardings under explicit meshes) accepts the updated running statistics.
+def explicit_mesh(x: Any) -> Any:
+    """The mesh `x` is typed on, if it has explicit axes; else None."""
+    mesh = jax.typeof(x).sharding.mesh
+    return None if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types else mesh
 
-    Statistics reduced from a batch sharded over an explicit mesh are typed on that
-    mesh, with the features' sharding; the state keeps its own layout (e.g. replicated
-    while the features are split over a model axis).
-    """
-    new_sharding = jax.typeof(new).sharding
-    mesh = new_sharding.mesh
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-        return new
+
+def like_running(new: Array, running: Array) -> Array:
+    """`new` with `running`'s sharding, which `eqx.nn.State.set` requires: statistics of a
+    batch on an explicit mesh are typed on it, while the state keeps its own layout."""
     old_sharding = jax.typeof(running).sharding
-    if old_sharding.spec == new_sharding.spec:
+    if explicit_mesh(new) is None or old_sharding.spec == jax.typeof(new).sharding.spec:
         return new
     return jax.sharding.reshard(new, old_sharding)

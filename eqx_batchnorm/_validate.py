@@ -1,13 +1,9 @@
 """The checks at the public boundary: arguments in, canonical values out.
 
-Each public entry point (the constructor, `BatchNorm.__call__`, `batch_statistics`,
-`normalize`, `update_running_average`, the converters) runs these once, then calls
-private kernels that trust their inputs. Every check runs on static information
-(shapes, dtypes, Python values, the names bound by the enclosing transforms), so errors
-surface at construction or trace time and jitted code pays nothing.
-
-The array annotations of the public functions are checked here too, by beartype with
-jaxtyping's shape memo (`check_annotations`), and reported in the library's one format.
+Each public entry point runs these once, then calls private kernels that trust their
+inputs. Every check runs on static information (shapes, dtypes, Python values, the names
+bound by the enclosing transforms), so errors surface at construction or trace time and
+jitted code pays nothing.
 """
 
 import math
@@ -23,16 +19,20 @@ from jax.core import Tracer
 from jaxtyping import jaxtyped
 
 from ._errors import fail
-from ._participants import manual_axes, unbound_axis_name
+from ._participants import axis_size, explicit_mesh, full_spec, manual_axes
 
 AxisName = Hashable | tuple[Hashable, ...] | None
+
+
+def _is_int(value: Any) -> bool:
+    """An int, but not a bool: `True` is no axis, size or index anyone means."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
 def as_axis_tuple(axis: Any, argument: str = "axis") -> tuple[int, ...]:
     """`axis` as a non-empty tuple of ints, refusing repeats visible before the rank is known."""
     items = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else (axis,)
-    if not items or not all(isinstance(a, int | np.integer) and not isinstance(a, bool)
-                            for a in items):
+    if not items or not all(_is_int(a) for a in items):
         raise fail(argument, "an int or a non-empty tuple of ints naming the feature axes",
                    repr(axis), f"pass e.g. `{argument}=-1` (channels last) or "
                    f"`{argument}=0` (channels first, per example)")
@@ -42,18 +42,14 @@ def as_axis_tuple(axis: Any, argument: str = "axis") -> tuple[int, ...]:
     return items
 
 
-def _one_or_all(axes: tuple[int, ...]) -> int | tuple[int, ...]:
-    """An axis tuple as the user wrote it: a lone axis as an int."""
-    return axes[0] if len(axes) == 1 else axes
+def one_or_all(items: tuple) -> Any:
+    """A tuple as the user would write it: a lone item on its own."""
+    return items[0] if len(items) == 1 else items
 
 
 def feature_order(axes: tuple[int, ...]) -> tuple[int, ...]:
-    """The order Flax stores several feature axes in: ascending once the rank is known.
-
-    Non-negative axes come first, then negative ones, each ascending; that is the
-    ascending order for every rank in which the axes are distinct, which
-    `canonical_feature_axes` checks at trace time.
-    """
+    """The order Flax stores several feature axes in: non-negative ones, then negative ones,
+    each ascending (ascending once the rank is known; `canonical_feature_axes` checks)."""
     return tuple(sorted(range(len(axes)), key=lambda i: (axes[i] < 0, axes[i])))
 
 
@@ -68,7 +64,7 @@ def canonical_feature_axes(axes: tuple[int, ...], ndim: int, shape: tuple[int, .
     for a in axes:
         if not -ndim <= a < ndim:
             raise fail(argument, f"axes in [-{ndim}, {ndim}) for `x` of shape {shape}",
-                       repr(_one_or_all(axes)),
+                       repr(one_or_all(axes)),
                        "pass the axis of `x` that holds the features; under "
                        "`jax.vmap`, `x` is one example, so channels-first is `axis=0`")
     canon = tuple(a % ndim for a in axes)
@@ -85,10 +81,8 @@ def canonical_feature_axes(axes: tuple[int, ...], ndim: int, shape: tuple[int, .
 
 def check_num_features(num_features: Any, axes: tuple[int, ...]) -> tuple[int, ...]:
     """`num_features` as a tuple aligned with `axes`, every size positive."""
-    items = (num_features if isinstance(num_features, Sequence) else (num_features,))
-    items = tuple(items)
-    if not items or not all(isinstance(n, int | np.integer) and not isinstance(n, bool)
-                            for n in items):
+    items = tuple(num_features) if isinstance(num_features, Sequence) else (num_features,)
+    if not items or not all(_is_int(n) for n in items):
         raise fail("num_features", "a positive int, or a tuple of positive ints (one per "
                    "feature axis)", repr(num_features), "pass the channel count, e.g. "
                    "`BatchNorm(64)`")
@@ -97,17 +91,14 @@ def check_num_features(num_features: Any, axes: tuple[int, ...]) -> tuple[int, .
                    "pass the number of channels, at least 1")
     if len(items) != len(axes):
         raise fail("num_features", f"{len(axes)} size(s), one for each axis in "
-                   f"`axis={_one_or_all(axes)}`", repr(num_features),
+                   f"`axis={one_or_all(axes)}`", repr(num_features),
                    "give one size per feature axis, in the same order as `axis`")
     return tuple(int(n) for n in items)
 
 
 def check_array(argument: str, value: Any, what: str = "floating-point") -> None:
-    """Refuses what is not a JAX or NumPy array, before JAX turns it into a deep error.
-
-    Python lists and scalars are refused rather than converted, as Flax does (it reads
-    `x.ndim`): a list silently becoming float32 hides dtype mistakes.
-    """
+    """Refuses what is not a JAX or NumPy array, as Flax does (it reads `x.ndim`): a list
+    silently converted to float32 would hide dtype mistakes."""
     if not isinstance(value, jax.Array | np.ndarray):
         raise fail(argument, f"a JAX or NumPy {what} array", f"{type(value).__name__} "
                    f"{_short_repr(value)}", f"convert it first, e.g. "
@@ -132,15 +123,13 @@ def check_float_input(x: Any, argument: str = "x") -> None:
 
 def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
     check_array("mask", mask, "boolean")
-    mshape = tuple(np.shape(mask))
-    mdtype = mask.dtype
-    if mdtype != jnp.bool_:
+    if mask.dtype != jnp.bool_:
         raise fail("mask", "a boolean array (True where an element counts)",
-                   f"dtype {mdtype}", "pass e.g. `mask=(x != pad_value)` or "
+                   f"dtype {mask.dtype}", "pass e.g. `mask=(x != pad_value)` or "
                    "`mask=m.astype(bool)`")
-    ok = len(mshape) <= len(shape) and all(
-        m in (1, s) for m, s in zip(mshape[::-1], shape[::-1], strict=False))
-    if not ok:
+    mshape = tuple(np.shape(mask))
+    if len(mshape) > len(shape) or not all(
+            m in (1, s) for m, s in zip(mshape[::-1], shape[::-1], strict=False)):
         raise fail("mask", f"a shape broadcastable to x's shape {shape}",
                    f"shape {mshape}", "give the mask x's shape, or size 1 on the axes "
                    "it does not vary along")
@@ -160,20 +149,15 @@ def check_axis_index_groups(groups: Any, axis_name: AxisName) -> tuple[tuple[int
     def is_seq(v: Any) -> bool:
         return isinstance(v, Sequence | np.ndarray) and not isinstance(v, str | bytes)
 
-    def is_index(i: Any) -> bool:
-        return isinstance(i, int | np.integer) and not isinstance(i, bool | np.bool_)
-
-    if not is_seq(groups) or not all(is_seq(g) and all(is_index(i) for i in g)
-                                     for g in groups):
+    if not is_seq(groups) or not all(is_seq(g) and all(_is_int(i) for i in g) for g in groups):
         raise fail("axis_index_groups", "a sequence of sequences of ints",
                    repr(groups), "pass e.g. `[[0, 1], [2, 3]]`")
     out = tuple(tuple(int(i) for i in g) for g in groups)
     if not out or any(len(g) == 0 for g in out):
         raise fail("axis_index_groups", "non-empty groups", repr(groups),
                    "pass e.g. `[[0, 1], [2, 3]]`")
-    sizes = {len(g) for g in out}
     flat = [i for g in out for i in g]
-    if len(sizes) != 1:
+    if len({len(g) for g in out}) != 1:
         raise fail("axis_index_groups", "groups of equal size", repr(groups),
                    "split the axis into groups that each hold the same number of indices")
     if sorted(flat) != list(range(len(flat))):
@@ -183,23 +167,10 @@ def check_axis_index_groups(groups: Any, axis_name: AxisName) -> tuple[tuple[int
     return out
 
 
-def check_groups_cover(groups: tuple[tuple[int, ...], ...], size: int,
-                       axis_name: AxisName) -> None:
-    n = sum(len(g) for g in groups)
-    if n != size:
-        raise fail("axis_index_groups", f"a partition of all {size} indices of the axis "
-                   f"{axis_name!r}", f"groups covering {n} indices: {groups!r}",
-                   f"list each of the {size} indices 0..{size - 1} exactly once")
-
-
 def check_scalar(name: str, value: Any, low: float, high: float = math.inf, *,
                  finite: bool = False) -> float:
-    """`value` as a Python float in `[low, high]`; `finite=True` also refuses infinity.
-
-    Refuses what `float()` would quietly accept but nobody means: strings ("0.9"),
-    booleans, complex numbers, arrays of more than one element, and tracers (these
-    hyper-parameters are static).
-    """
+    """`value` as a Python float in `[low, high]` (`finite=True`: not infinite), refusing
+    what `float()` accepts but nobody means: strings, bools, complex numbers, arrays, tracers."""
     if isinstance(value, Tracer):
         raise fail(name, "a concrete Python number (it is static, fixed at construction)",
                    f"a traced value {_short_repr(value)}",
@@ -232,29 +203,23 @@ def check_call_bound(name: str, value: Any, low: float) -> Any:
     return value if isinstance(value, jax.Array | np.ndarray) else v
 
 
-def check_flag(name: str, value: Any) -> bool:
+def check_flag(name: str, value: Any, expected: str = "a Python bool") -> bool:
     """`value` as a Python bool. `bool("no")` is True: strings and numbers are refused."""
-    flag = check_optional_flag(name, value, allow_none=False)
-    assert flag is not None
-    return flag
-
-
-def check_optional_flag(name: str, value: Any, allow_none: bool = True) -> bool | None:
-    """`value` as a Python bool, or None (meaning: not given)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if (isinstance(value, jax.Array | np.ndarray) and np.ndim(value) == 0
-            and value.dtype == np.bool_ and not isinstance(value, Tracer)):
-        return bool(value)
     traced = isinstance(value, Tracer)
-    raise fail(name, "a Python bool" + (" or None" if allow_none else ""),
-               f"{type(value).__name__} {_short_repr(value)}",
+    if isinstance(value, bool | np.bool_) or (
+            isinstance(value, jax.Array | np.ndarray) and np.ndim(value) == 0
+            and value.dtype == np.bool_ and not traced):
+        return bool(value)
+    raise fail(name, expected, f"{type(value).__name__} {_short_repr(value)}",
                ("it selects the code path while tracing, so it cannot be a traced value: "
                 "mark it static (`eqx.filter_jit` does so for Python bools) or branch "
                 "with `jax.lax.cond` over two calls") if traced
                else f"pass `{name}=True` or `{name}=False`")
+
+
+def check_optional_flag(name: str, value: Any) -> bool | None:
+    """`value` as a Python bool, or None (meaning: not given)."""
+    return None if value is None else check_flag(name, value, "a Python bool or None")
 
 
 def check_axis_name(axis_name: Any) -> Any:
@@ -316,14 +281,12 @@ def check_participants(names: tuple[Hashable, ...],
                        groups: tuple[tuple[int, ...], ...] | None) -> None:
     """Every name is bound, the groups partition the axis, and JAX can reduce over the
     names here."""
-    size = 1
-    for name in names:
-        try:
-            size *= int(lax.axis_size(name))
-        except NameError:
-            raise unbound_axis_name(name) from None
-    if groups is not None:
-        check_groups_cover(groups, size, names[0] if len(names) == 1 else names)
+    size = axis_size(names)
+    covered = sum(len(g) for g in groups or ())
+    if groups is not None and covered != size:
+        raise fail("axis_index_groups", f"a partition of all {size} indices of the axis "
+                   f"{one_or_all(names)!r}", f"groups covering {covered} indices: {groups!r}",
+                   f"list each of the {size} indices 0..{size - 1} exactly once")
     manual = manual_axes()
     vmapped = [n for n in names if n not in manual]
     if vmapped and manual and _tracks_replication(next(iter(manual))):
@@ -350,8 +313,7 @@ def _tracks_replication(mesh_name: Hashable) -> bool:
 
 def _vmap_levels(value: Any) -> list[tuple[Any, Any, int]]:
     """`(trace, mapped value, batch axis)` for each `vmap` that maps `value`, innermost
-    first; empty outside `vmap`. Reads JAX's tracers: a courtesy check, so another JAX
-    layout only turns it off."""
+    first. Reads JAX's private tracers: another JAX layout only turns the checks off."""
     try:
         from jax._src.interpreters.batching import BatchTracer
     except ImportError:
@@ -369,23 +331,18 @@ def _level_name(trace: Any) -> Any:
 
 
 def check_vmap_batch_unsharded(x: Any, names: tuple[Hashable, ...]) -> None:
-    """JAX 0.10 cannot lower a `psum` over a `vmap` axis whose batch dimension is
-    sharded over an explicit mesh (a raw "Sharding spec ... does not evenly divide"
-    `ValueError`); refuse it with the ways that work."""
+    """Refuses a `vmap` axis in `names` whose batch dimension is sharded over an explicit
+    mesh: JAX 0.10 cannot lower a `psum` over it (a raw `ValueError`)."""
     for trace, mapped, axis in _vmap_levels(x):
         name = _level_name(trace)
-        if name not in names:
-            continue
-        sharding = jax.typeof(mapped).sharding
-        spec = tuple(sharding.spec) + (None,) * (mapped.ndim - len(sharding.spec))
-        if sharding.mesh.empty or spec[axis] is None or (
-                jax.sharding.AxisType.Explicit not in sharding.mesh.axis_types):
+        mesh = explicit_mesh(mapped) if name in names else None
+        if mesh is None or full_spec(mapped)[axis] is None:
             continue
         raise fail(
             "axis_name", f"a `jax.vmap` axis {name!r} whose examples are not sharded over "
             "an explicit mesh (JAX cannot yet reduce over such an axis)",
-            f"the examples sharded as {spec[axis]!r} over the mesh "
-            f"{dict(sharding.mesh.shape)} with `AxisType.Explicit` axes",
+            f"the examples sharded as {full_spec(mapped)[axis]!r} over the mesh "
+            f"{dict(mesh.shape)} with `AxisType.Explicit` axes",
             "make the mesh with `axis_types=(jax.sharding.AxisType.Auto,)`, or use the "
             "batched style on the whole sharded batch (`BatchNorm(C, axis=1)` on "
             "(N, C, H, W), `axis_name=None`: XLA's partitioner makes the statistics "
@@ -393,9 +350,8 @@ def check_vmap_batch_unsharded(x: Any, names: tuple[Hashable, ...]) -> None:
 
 
 def check_running_stays_unmapped(x: Any, running: Any, names: tuple[Hashable, ...]) -> None:
-    """Refuses a training call whose running statistics would come out mapped by a
-    `jax.vmap` that the state is not mapped by: per-example statistics, which JAX then
-    reports as a confusing `out_axes` error once the call returns."""
+    """Refuses a training call under a `jax.vmap` that maps `x` but not the state: its
+    per-example statistics would reach JAX as a confusing `out_axes` error."""
     state_levels = [trace for trace, _, _ in _vmap_levels(running)]
     for level, _, _ in _vmap_levels(x):
         name = _level_name(level)
@@ -417,12 +373,10 @@ def check_running_stays_unmapped(x: Any, running: Any, names: tuple[Hashable, ..
 
 
 def check_state_on_mesh(x: Any, running: Any) -> None:
-    """A batch sharded over an explicit mesh gives statistics typed on that mesh, which
-    a state on no mesh cannot take (`eqx.nn.State.set` compares shardings)."""
-    mesh = jax.typeof(x).sharding.mesh
-    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-        return
-    if jax.typeof(running).sharding.mesh.empty:
+    """A batch on an explicit mesh gives statistics typed on that mesh, which a state on no
+    mesh cannot take (`eqx.nn.State.set` compares shardings)."""
+    mesh = explicit_mesh(x)
+    if mesh is not None and jax.typeof(running).sharding.mesh.empty:
         raise fail(
             "state", "running statistics placed on the mesh of the batch "
             f"({dict(mesh.shape)}), since the batch is sharded over it",
@@ -442,9 +396,8 @@ def describe(value: Any) -> str:
 
 
 def check_annotations(function: str, hints: dict[str, Any], values: dict[str, Any]) -> None:
-    """Checks `values` against the jaxtyping annotations `hints` with beartype, sharing
-    one shape memo (so `*features` means the same shape everywhere), and reports the
-    first mismatch naming the argument."""
+    """Checks `values` against the jaxtyping annotations `hints`, with one shape memo (so
+    `*features` means one shape throughout), reporting the first mismatch."""
     with jaxtyped("context"):
         for name, value in values.items():
             hint = hints[name]
