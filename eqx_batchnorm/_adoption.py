@@ -1,9 +1,5 @@
-r"""Adoption in one call: a whole Equinox model, and Flax's NNX `BatchNorm`.
-
-`from_equinox_model` swaps every `eqx.nn.BatchNorm` of a model at once (each one through
-`from_equinox`) and rebuilds the `eqx.nn.State` around them; `from_nnx` / `to_nnx` move one
-`flax.nnx.BatchNorm`, whose statistics live in `nnx.BatchStat` variables rather than in
-linen's `variables` dict. Flax stays optional: it is imported inside the NNX functions.
+r"""Adoption in one call: a whole Equinox model (`from_equinox_model`), and Flax's NNX
+`BatchNorm` (`from_nnx`, `to_nnx`; Flax stays optional, imported inside them).
 """
 
 from typing import Any
@@ -37,12 +33,8 @@ def _indices(layer: eqx.nn.BatchNorm) -> tuple[eqx.nn.StateIndex, eqx.nn.StateIn
 
 
 def _init_was_deleted(index: eqx.nn.StateIndex) -> bool:
-    """Whether `eqx.nn.delete_init_state` (as `make_with_state` calls it) stripped `index`.
-
-    Equinox marks a deleted initial state with a private sentinel module; its type is read
-    off a freshly stripped index rather than imported, and compared by type because a
-    `tree_map` or `jit` over the model rebuilds the sentinel as a new instance.
-    """
+    """Whether `eqx.nn.delete_init_state` (as `make_with_state` calls it) stripped `index`:
+    compares with the type of Equinox's private sentinel, which a `tree_map` rebuilds."""
     stripped = eqx.nn.delete_init_state(eqx.nn.StateIndex(0)).init
     return type(index.init) is type(stripped)
 
@@ -50,23 +42,12 @@ def _init_was_deleted(index: eqx.nn.StateIndex) -> bool:
 def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
     r"""Converts every `eqx.nn.BatchNorm` of a model at once, and its state.
 
-    Each `eqx.nn.BatchNorm` anywhere in `model` (in modules, `eqx.nn.Sequential`, lists,
-    tuples, dicts, at any depth) is replaced by the `BatchNorm` that `from_equinox` makes
-    of it: per example, channels first (`axis=0`), the same `axis_name`, `eps`,
-    `momentum`, `inference` flag and affine parameters, and the same inference output in
-    either `mode` (`"batch"`'s bias correction folded into the running statistics).
-    Every other leaf is kept as it is.
-
-    The returned state holds every entry of `state` that is not a converted layer's
-    (other stateful layers, e.g. `eqx.nn.SpectralNorm`, keep theirs) plus the converted
-    statistics, each under the key of the layer it replaces, so the layer order of the
-    state is kept. A layer that appears in several places of the model (the same object,
-    or copies sharing one state entry, as Equinox identifies state) stays shared: one
-    converted layer, one state entry.
-
-    Training then follows Flax's conventions, as after `from_equinox`. An optimiser
-    state made for the old model (optax's mirrors the model's pytree) must be made
-    afresh for the new one, whose batch norms have another type.
+    Each `eqx.nn.BatchNorm` anywhere in `model` (at any depth) is replaced by the
+    `BatchNorm` that `from_equinox` makes of it; every other leaf is kept. The new state
+    keeps the other entries of `state` (e.g. `eqx.nn.SpectralNorm`'s) and holds the
+    converted statistics under the keys of the layers they replace. A layer shared by
+    several places of the model (one object, or copies sharing a state entry) stays
+    shared. An optimiser state made for the old model must be made afresh.
 
     !!! Example
 
@@ -117,17 +98,15 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
     **Raises:**
 
     `BatchNormError` if `model` holds no `eqx.nn.BatchNorm`, if `state` is not an
-    `eqx.nn.State`, is an old one (already passed to `.set`), or lacks the entries of
-    one of the layers, or if two layers share a state entry without having the same
-    shape and mode.
+    `eqx.nn.State`, is an old one, or lacks a layer's entries, or if layers sharing a
+    state entry differ in shape or mode.
     """
     if not isinstance(state, eqx.nn.State):
         raise fail("state", "the `eqx.nn.State` of `model`", type(state).__name__,
                    "pass `(model, state)` as `eqx.nn.make_with_state` returned them")
     try:
-        # The pytree protocol of `State` gives its keys (the `StateIndex` markers) and
-        # values in order; `eqx.nn.State(new_model)` cannot be used instead, because
-        # `make_with_state` strips the initial states it would read.
+        # Its keys (`StateIndex` markers) and values in order. (`eqx.nn.State(new_model)`
+        # would need the initial states that `make_with_state` strips.)
         values, keys = state.tree_flatten()
     except ValueError as e:  # Equinox invalidates a state once `.set` was called on it
         raise fail("state", "the latest state of the model",
@@ -157,8 +136,7 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
             continue
         where = f"`model{jtu.keystr(path)}`"
         main, aux = _indices(layer)
-        missing = [i for i in (main, aux) if i.marker not in entries]
-        if missing:
+        if main.marker not in entries or aux.marker not in entries:
             raise fail("state", "the `eqx.nn.State` made together with `model`",
                        f"a state without the statistics of the eqx.nn.BatchNorm at {where}",
                        "pass the state that `eqx.nn.make_with_state` returned with this "
@@ -178,8 +156,7 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
             stats = bn_state.get(bn.state_index)
             converted[main.marker] = stats
             index = eqx.nn.StateIndex(stats)
-            # The replaced layer's key, as `make_with_state` writes it (a key-path string):
-            # two conversions of models made alike give compatible models and states.
+            # The replaced layer's key, so that models converted alike have alike states.
             object.__setattr__(index, "marker", main.marker)
             if _init_was_deleted(main):
                 index = eqx.nn.delete_init_state(index)
@@ -202,7 +179,6 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
     return new_model, eqx.nn.State.tree_unflatten(tuple(new_keys), tuple(new_values))
 
 
-
 # ----------------------------------------------------------------------------- NNX
 
 
@@ -219,30 +195,18 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
     r"""Converts a `flax.nnx.BatchNorm`: its parameters, its `nnx.BatchStat` running
     statistics and its attributes.
 
-    Every attribute maps to the argument of the same name (`axis`, `momentum`,
-    `epsilon`, `param_dtype`, `use_bias`, `use_scale`, `axis_name`,
-    `axis_index_groups`, `use_fast_variance`), and `use_running_average` to
-    `inference` (NNX's `None`, "decided at each call", becomes `False`, which a call's
-    `inference=`/`use_running_average=` overrides as in NNX). Training and inference
-    then give NNX's numbers: NNX and linen share every convention but one, handled here.
+    Every attribute maps to the argument of the same name, and `use_running_average` to
+    `inference` (NNX's `None`, "decided at each call", becomes `False`). Training and
+    inference then give NNX's numbers, with these exceptions:
 
-    - **Output dtype.** NNX promotes the input, its float32 running statistics and the
-      parameters to one dtype before normalising, so with `dtype=None` a bfloat16 or
-      float16 input gives a float32 output, where linen (and this library) return the
-      input's dtype. `dtype=None` therefore becomes `dtype=float32` (or `param_dtype`
-      where that is wider), which gives NNX's output dtype and precision for every
-      input up to float32. (A float64 input under `jax_enable_x64` would be returned as
-      float64 by NNX: pass `dtype=None` to keep that.) With an explicit half-precision
-      `dtype`, NNX also rounds the input to it before taking the statistics; here (as
-      in linen) they are taken from the input as given, which differs by about one
-      unit of that rounding.
-    - NNX keeps no initialisers after construction (`scale_init`, `bias_init` keep this
-      library's defaults unless overridden) and no parameter metadata (e.g. sharding
-      annotations), which is dropped. NNX always reduces in at least float32, as
-      `force_float32_reductions=True` (the default here) does.
-    - This library's own defaults stay on: a batch with non-finite statistics leaves the
-      running statistics unchanged (NNX writes the NaN in); pass
-      `skip_nonfinite_updates=False` for NNX's behaviour there too.
+    - **Output dtype.** NNX promotes the input to its float32 statistics, so `dtype=None`
+      becomes `dtype=float32` (or `param_dtype` where wider): NNX's output dtype for every
+      input up to float32 (pass `dtype=None` to keep a float64 input's). With an explicit
+      half-precision `dtype`, NNX also rounds the input before taking the statistics;
+      here, as in linen, they are taken from the input as given.
+    - Initialisers and parameter metadata (e.g. sharding annotations) are not kept.
+    - A batch with non-finite statistics leaves the running statistics unchanged (NNX
+      writes the NaN in); pass `skip_nonfinite_updates=False` for NNX's behaviour.
 
     !!! Example
 
@@ -263,13 +227,11 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
 
     - `nnx_batch_norm`: the `flax.nnx.BatchNorm`.
     - `**overrides`: `BatchNorm` arguments that replace the ones read from the layer
-      (not `num_features`, read from its statistics), e.g. `axis=0,
-      axis_name="batch"` for the per-example style, or `inference=True`.
+      (not `num_features`), e.g. `axis=0, axis_name="batch"` for the per-example style.
 
     **Returns:**
 
-    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics
-    (also the layer's initial state, as for `from_flax`).
+    `(bn, state)`, as for `from_flax`.
 
     **Raises:**
 
@@ -282,9 +244,9 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
         raise fail("nnx_batch_norm", "a `flax.nnx.BatchNorm`", type(nnx_batch_norm).__name__,
                    "for linen's variables use `from_flax`, for an `eqx.nn.BatchNorm` "
                    "`from_equinox`, for a PyTorch layer `from_torch`")
-    layer = nnx_batch_norm
     from flax.nnx.nn import dtypes as nnx_dtypes
 
+    layer = nnx_batch_norm
     if getattr(layer, "promote_dtype", nnx_dtypes.promote_dtype) is not (
             nnx_dtypes.promote_dtype):
         raise fail("nnx_batch_norm", "a layer with NNX's default `promote_dtype`",
@@ -314,24 +276,14 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
 def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
     r"""Exports one `BatchNorm` as a `flax.nnx.BatchNorm`.
 
-    The parameters and running statistics are copied into the new layer's `nnx.Param`
-    and `nnx.BatchStat` variables, and every argument NNX has is passed on (`axis`,
-    `momentum`, `epsilon`, `dtype`, `param_dtype`, `use_bias`, `use_scale`,
-    `axis_name`, `axis_index_groups`, `use_fast_variance`; `inference` becomes
-    `use_running_average`). Training and inference then continue in NNX with the same
-    numbers, with these limits:
-
-    - NNX holds one feature axis, so a layer with features on several axes is refused
-      (`to_flax` exports it to linen).
-    - NNX has no batch renormalisation and always reduces in at least float32, so
-      `renorm=True` and `force_float32_reductions=False` are refused rather than
-      silently changing the training outputs.
-    - `skip_nonfinite_updates` (this library's default) has no NNX counterpart: after
-      export, a batch with non-finite statistics writes them into NNX's running
-      statistics, as NNX always does. Finite batches are unaffected.
-    - With `dtype=None`, NNX returns float32 for a half-precision input (it promotes the
-      input to its float32 statistics), where this library returns the input's dtype:
-      the same values before that rounding.
+    The parameters and running statistics are copied into `nnx.Param` and
+    `nnx.BatchStat` variables, and every argument NNX has is passed on (`inference`
+    becomes `use_running_average`). Training and inference then continue in NNX with the
+    same numbers, except that NNX writes non-finite batch statistics into its running
+    statistics (`skip_nonfinite_updates` has no counterpart), and with `dtype=None`
+    returns float32 for a half-precision input. Refused, as NNX cannot express them: a
+    layer with several feature axes (`to_flax` exports it to linen), `renorm=True`, and
+    `force_float32_reductions=False`.
 
     !!! Example
 
@@ -362,10 +314,7 @@ def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
     `BatchNormError` if `bn` is not a `BatchNorm` or `state` does not hold its
     statistics, if Flax is not installed, or for the settings NNX cannot express.
     """
-    if not isinstance(bn, BatchNorm):
-        raise fail("bn", "an `eqx_batchnorm.BatchNorm`", type(bn).__name__,
-                   "for an `eqx.nn.BatchNorm`, convert it first with `from_equinox`")
-    variables = to_flax(bn, state)  # checks that `state` holds bn's statistics
+    variables = to_flax(bn, state)  # checks `bn`, and that `state` holds its statistics
     nnx = _nnx()
     if nnx is None:
         raise fail("bn", "Flax installed, to build a `flax.nnx.BatchNorm`",
@@ -375,18 +324,15 @@ def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
                    "(num_features,))", f"`axis={bn.axis!r}`, feature shape "
                    f"{bn.feature_shape}", "export it to linen with `to_flax`, whose "
                    "`flax.linen.BatchNorm` takes several axes")
-    if bn.renorm:
-        raise fail("bn", "`renorm=False` (NNX has no batch renormalisation)",
-                   "a layer built with `renorm=True`",
-                   "rebuild it without renormalisation before exporting: "
-                   "`ebn.from_flax(ebn.to_flax(bn, state), axis=bn.axis, "
-                   "momentum=bn.momentum, ...)`")
-    if not bn.force_float32_reductions:
-        raise fail("bn", "`force_float32_reductions=True` (NNX always reduces in at "
-                   "least float32)", "a layer built with `force_float32_reductions=False`",
-                   "rebuild it with float32 reductions before exporting: "
-                   "`ebn.from_flax(ebn.to_flax(bn, state), axis=bn.axis, "
-                   "momentum=bn.momentum, ...)`")
+    for field, needed, why, rebuilt in (
+            ("renorm", False, "NNX has no batch renormalisation", "without renormalisation"),
+            ("force_float32_reductions", True, "NNX always reduces in at least float32",
+             "with float32 reductions")):
+        if getattr(bn, field) != needed:
+            raise fail("bn", f"`{field}={needed}` ({why})",
+                       f"a layer built with `{field}={not needed}`",
+                       f"rebuild it {rebuilt} before exporting: `ebn.from_flax(ebn.to_flax("
+                       "bn, state), axis=bn.axis, momentum=bn.momentum, ...)`")
     axis = bn.axis if isinstance(bn.axis, int) else bn.axis[0]
     layer = nnx.BatchNorm(
         bn.feature_shape[0], use_running_average=bool(bn.inference), axis=axis,

@@ -1,23 +1,8 @@
 r"""Converters between `BatchNorm` and the batch norms of Flax, PyTorch and Equinox.
 
-Every framework stores the same four arrays (scale $\gamma$, bias $\beta$, running mean
-$\mu_r$, running variance $\sigma^2_r$), but the conventions around them differ, and
-the differences are silent when a checkpoint is copied by hand:
-
-| | momentum | running variance | inference |
-|---|---|---|---|
-| Flax, `eqx_batchnorm` | $\mu_r \leftarrow m\mu_r + (1-m)\mu$ | biased | $\sigma^2_r$ |
-| PyTorch | $\mu_r \leftarrow (1-m)\mu_r + m\mu$ (inverted) | **unbiased** | $\sigma^2_r$ |
-| `eqx.nn.BatchNorm(mode="batch")` | Flax's | biased | $\sigma^2_r / (1 - m^t)$ (bias-corrected) |
-| `eqx.nn.BatchNorm(mode="ema")` | Flax's, first batch copied | biased | $\sigma^2_r$ |
-
-The converters reproduce the source's **inference** output exactly (up to float
-rounding); afterwards, training follows this library's (Flax's) conventions. Each
-returns `(bn, state)`, and the converted statistics are also `bn`'s initial state: a
-model assembled from converted layers gets them from `eqx.nn.make_with_state`.
-
-Nothing here imports Flax, PyTorch or NumPy extras: Flax variables are read as
-mappings, PyTorch tensors through their `.detach().cpu()` / `.numpy()` methods.
+Each reproduces the source's inference output exactly; the conventions they translate are
+tabled in `docs/beyond_flax.md`. Nothing here imports Flax or PyTorch: Flax variables are
+read as mappings, PyTorch tensors through their `.detach().cpu()` / `.numpy()` methods.
 """
 
 from collections.abc import Mapping
@@ -29,7 +14,8 @@ from jaxtyping import Array
 
 from ._batch_norm import BatchNorm, BatchStats, _get_running
 from ._errors import fail
-from ._validate import check_scalar
+from ._folding import _replace
+from ._validate import check_scalar, one_or_all
 
 __all__ = ["from_equinox", "from_flax", "from_torch", "to_flax"]
 
@@ -42,23 +28,16 @@ def _to_jax(name: str, value: Any) -> Array:
             return jnp.asarray(tensor.float().numpy()).astype(jnp.bfloat16)
         value = tensor.numpy()
     try:
-        out = jnp.asarray(value)
+        return jnp.asarray(value)
     except TypeError as e:
         raise fail(name, "an array (JAX, NumPy or a PyTorch tensor)",
                    f"{type(value).__name__}", "pass the layer's arrays") from e
-    return out
 
 
-def _build(
-    feature_shape: tuple[int, ...],
-    scale: Array | None,
-    bias: Array | None,
-    mean: Array,
-    var: Array,
-    source: str,
-    kwargs: dict[str, Any],
-) -> tuple[BatchNorm, eqx.nn.State]:
-    """Builds a `BatchNorm` with `kwargs`, then installs the given arrays."""
+def _build(scale: Array | None, bias: Array | None, mean: Array, var: Array, source: str,
+           kwargs: dict[str, Any]) -> tuple[BatchNorm, eqx.nn.State]:
+    """A `BatchNorm` built with `kwargs` (read from `source`), holding the given arrays."""
+    feature_shape = tuple(mean.shape)
     if "num_features" in kwargs:
         raise fail("num_features", f"no value (it is read from {source})",
                    repr(kwargs["num_features"]), "drop `num_features=`")
@@ -70,16 +49,13 @@ def _build(
                        f"{flag}={kwargs[flag]!r}",
                        f"drop `{flag}=` and let the converter read it from the checkpoint")
         kwargs[flag] = value is not None
-    if "param_dtype" not in kwargs:
-        present = [a for a in (scale, bias) if a is not None]
-        if present:
-            kwargs["param_dtype"] = present[0].dtype
+    present = [a for a in (scale, bias) if a is not None]
+    if present:
+        kwargs.setdefault("param_dtype", present[0].dtype)
     if len(feature_shape) == 0:
         raise fail("mean", "running statistics with at least one feature axis",
                    "a scalar", "pass the statistics of a batch norm layer")
-    num_features: int | tuple[int, ...] = (feature_shape[0] if len(feature_shape) == 1
-                                           else feature_shape)
-    bn = BatchNorm(num_features, **kwargs)
+    bn = BatchNorm(one_or_all(feature_shape), **kwargs)
     if bn.feature_shape != feature_shape:
         raise fail("axis", f"feature axes giving the checkpoint's feature shape "
                    f"{feature_shape}", f"`axis={bn.axis!r}`, feature shape "
@@ -89,26 +65,22 @@ def _build(
         if value is not None and value.shape != feature_shape:
             raise fail(name, f"shape {feature_shape} (the running mean's)",
                        f"shape {value.shape}", "pass the arrays of one layer")
-    if scale is not None:
-        bn = eqx.tree_at(lambda b: b.scale, bn, scale.astype(bn.param_dtype))
-    if bias is not None:
-        bn = eqx.tree_at(lambda b: b.bias, bn, bias.astype(bn.param_dtype))
     fresh = bn.state_index.init
     assert isinstance(fresh, BatchStats)
     stats = BatchStats(mean.astype(fresh.mean.dtype), var.astype(fresh.var.dtype))
-    # The checkpoint becomes the layer's *initial* state, as if it had been constructed
-    # with it: `eqx.nn.make_with_state` over a model assembled from converted layers then
-    # yields a state holding the converted statistics.
-    bn = eqx.tree_at(lambda b: b.state_index, bn, eqx.nn.StateIndex(stats))
+    # The checkpoint becomes the layer's *initial* state: `eqx.nn.make_with_state` over a
+    # model assembled from converted layers then yields a state holding it.
+    bn = _replace(bn, scale=None if scale is None else scale.astype(bn.param_dtype),
+                  bias=None if bias is None else bias.astype(bn.param_dtype),
+                  state_index=eqx.nn.StateIndex(stats))
     return bn, eqx.nn.State(bn)
 
 
 def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
     r"""Exports one `BatchNorm` as the variables of a `flax.linen.BatchNorm`.
 
-    The result can be passed straight to `flax.linen.BatchNorm(...).apply`, or stored
-    under the layer's name in a larger Flax variables tree. As Flax does, a disabled
-    `scale` or `bias` is omitted, and `"params"` itself is omitted when both are.
+    The result can be passed to `flax.linen.BatchNorm(...).apply`, or stored under the
+    layer's name in a larger Flax variables tree.
 
     !!! Example
 
@@ -131,8 +103,9 @@ def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
     **Returns:**
 
     `{"params": {"scale": ..., "bias": ...}, "batch_stats": {"mean": ..., "var": ...}}`,
-    arrays of shape `bn.feature_shape`. The hyper-parameters (`axis`, `momentum`,
-    `epsilon`, ...) are not variables in Flax: give them to `flax.linen.BatchNorm`.
+    arrays of shape `bn.feature_shape`; as in Flax, a disabled `scale` or `bias` is
+    omitted, and `"params"` when both are. The hyper-parameters (`axis`, `momentum`, ...)
+    are not variables in Flax: give them to `flax.linen.BatchNorm`.
 
     **Raises:**
 
@@ -155,12 +128,9 @@ def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
 def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     r"""Imports the variables of one `flax.linen.BatchNorm`.
 
-    The scale, bias and running statistics are copied; `use_scale` and `use_bias`
-    follow from which parameters are present; `param_dtype` defaults to the stored
-    parameters' dtype. Everything else Flax keeps as module attributes, not variables
-    (`axis`, `momentum`, `epsilon`, `axis_name`, ...), so pass it in `kwargs`, as you
-    did to `flax.linen.BatchNorm`. Both libraries share every convention, so training
-    and inference continue exactly as in Flax.
+    `use_scale`, `use_bias` and `param_dtype` follow from the stored parameters. Flax keeps
+    the rest as module attributes (`axis`, `momentum`, `epsilon`, ...): pass them again in
+    `kwargs`. Training and inference then continue exactly as in Flax.
 
     !!! Example
 
@@ -189,16 +159,14 @@ def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     **Arguments:**
 
     - `variables`: `{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}` of
-      one layer (a dict or a Flax `FrozenDict`; `"params"` may lack either entry or be
-      absent, as Flax stores it).
+      one layer (a dict or a `FrozenDict`; `"params"` may lack entries, as Flax stores it).
     - `**kwargs`: passed to `BatchNorm` (not `num_features`, which is read from the
       arrays). With several feature axes, give `axis=` as a tuple.
 
     **Returns:**
 
-    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics.
-    They are also the layer's initial state, so `eqx.nn.make_with_state` over a model
-    assembled from converted layers gives a state that holds them.
+    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics, which
+    are also the layer's initial state (for `eqx.nn.make_with_state` over a model).
 
     **Raises:**
 
@@ -221,16 +189,13 @@ def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     if unknown:
         raise fail("variables", "only 'params' {'scale', 'bias'} and 'batch_stats'",
                    f"extra entries {unknown}", "pass the variables of one BatchNorm layer")
-    mean = _to_jax("mean", stats["mean"])
-    var = _to_jax("var", stats["var"])
-    scale = _to_jax("scale", params["scale"]) if "scale" in params else None
-    bias = _to_jax("bias", params["bias"]) if "bias" in params else None
+    mean, var = (_to_jax(k, stats[k]) for k in ("mean", "var"))
+    scale, bias = (_to_jax(k, params[k]) if k in params else None for k in ("scale", "bias"))
     if "axis" not in kwargs and mean.ndim > 1:
         raise fail("axis", f"{mean.ndim} feature axes (the statistics have shape "
                    f"{mean.shape})", "the default `axis=-1`",
                    "pass the `axis=` tuple given to flax.linen.BatchNorm")
-    return _build(tuple(mean.shape), scale, bias, mean, var, "the Flax variables",
-                  dict(kwargs))
+    return _build(scale, bias, mean, var, "the Flax variables", dict(kwargs))
 
 
 _TORCH_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -248,25 +213,17 @@ def from_torch(
     PyTorch's conventions differ from Flax's in three ways, handled here:
 
     - **Momentum is inverted**: PyTorch updates
-      $\mu_r \leftarrow (1 - m_t)\,\mu_r + m_t\,\mu$, so PyTorch's `momentum=0.1` (its
-      default) is `momentum=0.9` here. Give PyTorch's value as `torch_momentum=`, or
-      this library's as `momentum=`; with neither, PyTorch's default 0.1 is assumed.
-      PyTorch's `momentum=None` (a cumulative average) has no fixed-momentum
-      equivalent: choose a momentum, or recompute the statistics exactly with
-      `recompute_statistics`.
-    - **`running_var` is the unbiased variance** $\frac{n}{n-1}\sigma^2_B$ averaged over
-      batches, while training normalises with the biased $\sigma^2_B$. It is copied
-      as-is, because PyTorch's `.eval()` normalises with it as stored: the inference
-      output is exactly PyTorch's. Later training updates it with the biased batch
-      variance (Flax's convention), a relative difference of $1/(n-1)$ per update for
-      $n$ elements per feature and batch.
-    - **Layout**: PyTorch's batched input is `(N, C, ...)`, so the default here is
-      `axis=1` (batched, channels first). For Equinox's per-example layers
-      (`(C, H, W)` under `jax.vmap`), pass `axis=0, axis_name="batch"`.
+      $\mu_r \leftarrow (1 - m_t)\,\mu_r + m_t\,\mu$, so its default `momentum=0.1` is
+      `momentum=0.9` here. PyTorch's `momentum=None` (a cumulative average) has no
+      equivalent: choose a momentum, or use `recompute_statistics`.
+    - **`running_var` is the unbiased variance** $\frac{n}{n-1}\sigma^2_B$. It is copied
+      as-is, since PyTorch's `.eval()` normalises with it: inference is exactly PyTorch's.
+      Later training updates it with the biased batch variance (Flax's convention).
+    - **Layout**: the default is PyTorch's `axis=1` (batched, `(N, C, ...)`); pass
+      `axis=0, axis_name="batch"` for Equinox's per-example layers under `jax.vmap`.
 
-    `num_batches_tracked` is accepted and ignored (PyTorch reads it only for
-    `momentum=None`). A layer built with `affine=False` gives `use_scale=False,
-    use_bias=False`. `eps` is `epsilon=` here (same default, 1e-5).
+    `num_batches_tracked` is ignored; `affine=False` gives `use_scale=False,
+    use_bias=False`; PyTorch's `eps` is `epsilon=` here (same default, 1e-5).
 
     !!! Example
 
@@ -288,15 +245,15 @@ def from_torch(
 
     - `state_dict`: a mapping with `running_mean`, `running_var` and, for an affine
       layer, `weight` and `bias` (PyTorch tensors or JAX/NumPy arrays).
-    - `torch_momentum`: the momentum in PyTorch's convention, in $[0, 1]$.
+    - `torch_momentum`: the momentum in PyTorch's convention, in $[0, 1]$ (default: 0.1,
+      unless `momentum=` gives this library's).
     - `prefix`: prepended to every key, to pick one layer out of a model's
       `state_dict()` (e.g. `"layer1.0.bn1."`).
     - `**kwargs`: passed to `BatchNorm` (`axis`, `epsilon`, `axis_name`, ...).
 
     **Returns:**
 
-    `(bn, state)`: the layer and an `eqx.nn.State` holding its running statistics
-    (also the layer's initial state, as for `from_flax`).
+    `(bn, state)`, as for `from_flax`.
 
     **Raises:**
 
@@ -335,35 +292,24 @@ def from_torch(
         kwargs["momentum"] = 1.0 - check_scalar("torch_momentum", torch_momentum, 0.0, 1.0)
     kwargs.setdefault("momentum", 0.9)  # PyTorch's default momentum=0.1
     kwargs.setdefault("axis", 1)
-    mean = _to_jax("running_mean", entries["running_mean"])
-    var = _to_jax("running_var", entries["running_var"])
-    scale = _to_jax("weight", entries["weight"]) if "weight" in entries else None
-    bias = _to_jax("bias", entries["bias"]) if "bias" in entries else None
+    mean, var = (_to_jax(k, entries[k]) for k in ("running_mean", "running_var"))
+    scale, bias = (_to_jax(k, entries[k]) if k in entries else None for k in ("weight", "bias"))
     if mean.ndim != 1:
         raise fail("state_dict", "a 1-D running_mean (one entry per channel)",
                    f"shape {mean.shape}", "pass the state_dict of a torch BatchNorm1d/2d/3d")
-    return _build(tuple(mean.shape), scale, bias, mean, var, "the PyTorch state_dict",
-                  kwargs)
+    return _build(scale, bias, mean, var, "the PyTorch state_dict", kwargs)
 
 
 def from_equinox(eqx_bn: Any, state: Any,
                  **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     r"""Converts an `eqx.nn.BatchNorm` (either `mode`) and its state.
 
-    The result is a per-example layer like the source: `axis=0` (channels first) and
-    the source's `axis_name`, `eps`, `momentum`, `inference`, and its `weight`/`bias`
-    (`channelwise_affine`). Its inference output equals the source's:
-
-    - `mode="ema"`: the running statistics are copied. (Before the first training
-      step Equinox's buffers are uninitialised zeros, and normalise as such; they are
-      copied as they are.)
-    - `mode="batch"`: Equinox keeps bias-uncorrected averages $h_t$ and divides at
-      inference by $1 - m^t$ after $t$ steps; the corrected values
-      $h_t / (1 - m^t)$ become the running statistics here.
-
-    Training then follows Flax's conventions: batch statistics normalise and the
-    running statistics move by `momentum`, with no bias correction (Equinox's `"ema"`
-    mode normalises with the running averages during training instead).
+    The result is a per-example layer like the source (`axis=0`, and the source's
+    `axis_name`, `eps`, `momentum`, `inference`, `weight` and `bias`), with the same
+    inference output: `mode="ema"`'s running statistics are copied as they are;
+    `mode="batch"`'s bias-uncorrected averages $h_t$ after $t$ steps become
+    $h_t / (1 - m^t)$. Training then follows Flax's conventions (batch statistics
+    normalise; the running statistics move by `momentum`, with no bias correction).
 
     !!! Example
 
@@ -387,8 +333,7 @@ def from_equinox(eqx_bn: Any, state: Any,
 
     **Returns:**
 
-    `(bn, state)`: the layer and a new `eqx.nn.State` holding its running statistics
-    (also the layer's initial state, as for `from_flax`).
+    `(bn, state)`, as for `from_flax` (a new `eqx.nn.State`).
 
     **Raises:**
 
@@ -415,15 +360,12 @@ def from_equinox(eqx_bn: Any, state: Any,
                    "a state without its statistics",
                    "pass the state returned by `eqx.nn.make_with_state` or by the last "
                    "call of `eqx_bn`") from e
-    axis_name = eqx_bn.axis_name
-    if isinstance(axis_name, list):
-        axis_name = tuple(axis_name)
     dtype = eqx_bn.weight.dtype if eqx_bn.weight is not None else jnp.asarray(mean).dtype
-    options: dict[str, Any] = dict(axis=0, axis_name=axis_name, epsilon=eqx_bn.eps,
+    options: dict[str, Any] = dict(axis=0, axis_name=eqx_bn.axis_name, epsilon=eqx_bn.eps,
                                    momentum=eqx_bn.momentum, inference=eqx_bn.inference,
                                    param_dtype=dtype)
     if "use_running_average" in kwargs:
         del options["inference"]
     options.update(kwargs)
-    return _build((eqx_bn.input_size,), eqx_bn.weight, eqx_bn.bias, jnp.asarray(mean),
-                  jnp.asarray(var), "the eqx.nn.BatchNorm", options)
+    return _build(eqx_bn.weight, eqx_bn.bias, jnp.asarray(mean), jnp.asarray(var),
+                  "the eqx.nn.BatchNorm", options)
