@@ -1,14 +1,4 @@
-r"""Folding an inference-mode `BatchNorm` into the linear layer before it.
-
-At inference a batch norm is an affine map per channel. After a layer $z = Wx + b$,
-
-$$\mathrm{BN}(z) = s \odot (z - \mu_r) + \beta, \qquad
-  s = \frac{\gamma}{\sqrt{\sigma^2_r + \epsilon}},$$
-
-so the pair is one layer with $W' = \mathrm{diag}(s)\,W$ (each output channel's
-filter scaled) and $b' = s \odot (b - \mu_r) + \beta$: one pass over the output
-instead of two, and no state.
-"""
+"""Folding an inference-mode `BatchNorm` into the linear layer before it."""
 
 from typing import Any
 
@@ -26,11 +16,8 @@ _Foldable = eqx.nn.Linear | eqx.nn.Conv | eqx.nn.ConvTranspose
 
 
 def _replace(module: eqx.Module, **changes: Any) -> Any:
-    """A copy of `module` with some fields replaced, static ones included.
-
-    `eqx.tree_at` cannot change static fields (`use_bias`), and calling `__init__`
-    again would draw new weights; this is what unflattening a module does.
-    """
+    """A copy of `module` with some fields replaced, static ones included (which
+    `eqx.tree_at` cannot change), as unflattening a module does: no `__init__`."""
     new = object.__new__(type(module))
     for name, value in vars(module).items():
         object.__setattr__(new, name, changes.get(name, value))
@@ -56,20 +43,15 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
     r"""Folds an inference-mode `BatchNorm` into the linear layer that precedes it.
 
     Returns a layer of the same type as `layer` computing
-    $\mathrm{BN}_{\text{inference}}(\text{layer}(x))$:
+    $\mathrm{BN}_{\text{inference}}(\text{layer}(x))$, one pass instead of two:
 
     $$W' = \mathrm{diag}(s)\,W,\qquad b' = s\odot(b - \mu_r) + \beta,\qquad
       s = \gamma / \sqrt{\sigma^2_r + \epsilon},$$
 
-    with $s$ applied along each output channel (axis 0 of an Equinox weight). A layer
-    without bias gets one ($b = 0$). The running statistics are used whatever
-    `bn.inference` says: folding is for inference. The arithmetic runs in at least
-    float32, and the result has the layer's dtype.
-
-    `bn` must normalise the layer's output channels: `axis=0` (or the equivalent
-    negative axis) for Equinox's per-example layers, whose output is `(C, ...)`; or
-    `axis=1` when the layer was applied to a batch with `jax.vmap` and `bn` called on
-    the `(batch, C, ...)` result. Any `axis_name` is irrelevant at inference.
+    with $s$ along the output channels (axis 0 of an Equinox weight), in at least
+    float32. The running statistics are used whatever `bn.inference` says. `bn` must
+    normalise the layer's output channels: `axis=0` per example (Equinox's layers output
+    `(C, ...)`), or `axis=1` on the `(batch, C, ...)` output of a `jax.vmap`ped layer.
 
     !!! Example
 
@@ -93,7 +75,7 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
 
     **Returns:**
 
-    A layer of `type(layer)`, with bias.
+    A layer of `type(layer)` and dtype, with bias (a layer without one gets one).
 
     **Raises:**
 
@@ -138,11 +120,10 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
 def fold_sequential(seq: Any, state: eqx.nn.State) -> eqx.nn.Sequential:
     r"""Folds every `BatchNorm` that directly follows a foldable layer in a `Sequential`.
 
-    Walks `seq.layers` (and nested `eqx.nn.Sequential`s); each pair
-    (`eqx.nn.Linear` | `eqx.nn.Conv` | `eqx.nn.ConvTranspose`, `BatchNorm`) becomes
-    `fold_into(layer, bn, state)`. Batch norms after anything else (an activation, a
-    pooling layer) are kept. The result computes what `seq` computes in inference
-    mode; the `BatchNorm`s that remain still read `state`.
+    Each pair (`eqx.nn.Linear` | `eqx.nn.Conv` | `eqx.nn.ConvTranspose`, `BatchNorm`) in
+    `seq.layers`, or in nested `eqx.nn.Sequential`s, becomes `fold_into(layer, bn,
+    state)`. The result computes what `seq` computes in inference mode; batch norms after
+    anything else are kept, and still read `state`.
 
     !!! Example
 
@@ -179,19 +160,13 @@ def fold_sequential(seq: Any, state: eqx.nn.State) -> eqx.nn.Sequential:
     if not isinstance(seq, eqx.nn.Sequential):
         raise fail("seq", "an eqx.nn.Sequential", type(seq).__name__,
                    "for a single pair, call `fold_into(layer, bn, state)`")
-    layers = list(seq.layers)
     out = []
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
+    for i, layer in enumerate(seq.layers):
+        before = seq.layers[i - 1] if i > 0 else None
         if isinstance(layer, eqx.nn.Sequential):
             out.append(fold_sequential(layer, state))
-            i += 1
-        elif isinstance(layer, _Foldable) and isinstance(following, BatchNorm):
-            out.append(fold_into(layer, following, state))
-            i += 2
+        elif isinstance(layer, BatchNorm) and isinstance(before, _Foldable):
+            out[-1] = fold_into(before, layer, state)  # in place of `before`
         else:
             out.append(layer)
-            i += 1
     return eqx.nn.Sequential(out)

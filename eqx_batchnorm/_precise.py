@@ -1,12 +1,5 @@
-r"""Precise BatchNorm: recompute the running statistics as exact averages over batches.
-
-The running statistics of training are exponential moving averages: dominated by the
-last few hundred batches and computed with weights that kept changing under them.
-After training, after weight averaging (SWA, EMA of weights, model soups), or after
-pruning, they no longer describe the model. Precise BN (Wu & Johnson, 2021,
-"Rethinking 'Batch' in BatchNorm") replaces them with equal-weight averages of the
-per-batch statistics of the final model.
-"""
+"""Precise BatchNorm (Wu & Johnson, 2021): the running statistics recomputed as exact
+averages over batches of the final model."""
 
 import itertools
 import warnings
@@ -42,9 +35,8 @@ def _batch_norms(model: Any) -> list[tuple[str, BatchNorm]]:
 
 
 def _probe(bn: BatchNorm) -> BatchNorm:
-    # Momentum 0 writes exactly this batch's statistics into the state; batch statistics
-    # normalise (no renorm correction towards the sentinel running statistics); NaN
-    # batches are recorded, not skipped, so that they surface in the result.
+    # Momentum 0 writes exactly this batch's statistics into the state, with no renorm
+    # correction towards the sentinel; NaN batches are recorded, to surface in the result.
     return _replace(bn, momentum=0.0, skip_nonfinite_updates=False, renorm=False,
                     inference=False)
 
@@ -110,37 +102,23 @@ def recompute_statistics(
     r"""Recomputes every `BatchNorm`'s running statistics exactly over `batches`
     (precise BN).
 
-    Each `BatchNorm` in `model` (at any depth: nested modules, `eqx.nn.Sequential`,
-    lists) has its running statistics reset and replaced by equal-weight averages over
-    the $K$ batches of its per-batch statistics $\mu_k, \sigma^2_k$ (the biased
-    variance, what training normalises with), taken in training mode with the
-    current weights:
+    Each `BatchNorm` in `model` (at any depth) gets equal-weight averages over the $K$
+    batches of its per-batch statistics $\mu_k, \sigma^2_k$ (biased), taken in training
+    mode with the current weights; every batch weighs the same, whatever its size.
 
-    - `estimator="batch_average"` (default): the average of the batch means and of
-      the batch variances,
+    - `estimator="batch_average"` (default): Wu & Johnson's PreciseBN, what the moving
+      average of training estimates, with equal weights:
 
       $$\mu_r = \frac1K\sum_k \mu_k,\qquad \sigma^2_r = \frac1K\sum_k \sigma^2_k .$$
 
-      This is Wu & Johnson's PreciseBN, and exactly what the exponential moving
-      average estimates, with equal instead of exponentially decaying weights: the
-      drop-in replacement for the running statistics of training.
-    - `estimator="population"`: the variance of all batches pooled,
+    - `estimator="population"`: the variance of all batches pooled (exactly, for batches
+      of equal size), which the above underestimates by about $(n-1)/n$ for $n$ elements
+      per feature and batch:
 
-      $$\sigma^2_r = \frac1K\sum_k \sigma^2_k + \frac1K\sum_k (\mu_k - \mu_r)^2,$$
+      $$\sigma^2_r = \frac1K\sum_k \sigma^2_k + \frac1K\sum_k (\mu_k - \mu_r)^2.$$
 
-      exactly the biased variance of every element of every batch when the batches
-      have equal sizes (law of total variance). The average of batch variances
-      underestimates it by about a factor $(n-1)/n$ for $n$ elements per feature and
-      batch, which matters for small batches (Wu & Johnson, appendix).
-
-    Every batch weighs the same, whatever its size: drop a smaller last batch if that
-    matters. The model runs in training mode for its `BatchNorm`s only (each is
-    switched to training for the recomputation; other layers keep their mode, so pass
-    an `eqx.nn.inference_mode` model to keep dropout off). Statistics of a layer are
-    those of its input in that mode, with the layers before it normalising with batch
-    statistics, as during training. Renormalisation (`renorm=True`) is switched off for
-    the recomputation. One compiled step is run per batch (`eqx.filter_jit`); only the
-    `BatchNorm` entries of `state` change.
+    Only the `BatchNorm`s are switched to training (without renormalisation): other
+    layers keep their mode, so pass an `eqx.nn.inference_mode` model to keep dropout off.
 
     !!! Example
 
@@ -154,12 +132,10 @@ def recompute_statistics(
         ])
         x_train = jax.random.normal(k3, (1024, 8))
         batches = [x_train[i:i + 128] for i in range(0, 1024, 128)]
-        # ... training, then e.g. weight averaging, then:
-        # a per-example model, whose BatchNorms reduce over the vmap axis "batch".
+        # ... training, then e.g. weight averaging, then, for a per-example model:
         state = ebn.recompute_statistics(model, state, batches, axis_name="batch")
 
-        # Any other calling convention through `call`, e.g. dict batches. (A batched
-        # model, `model(x, state)` on the whole batch, needs neither argument.)
+        # Any other calling convention through `call`, e.g. dict batches:
         def call(model, batch, state):
             return jax.vmap(model, axis_name="batch", in_axes=(0, None),
                             out_axes=(0, None))(batch["image"], state)
@@ -173,11 +149,11 @@ def recompute_statistics(
     - `model`: any pytree holding `BatchNorm`s (typically the whole model).
     - `state`: the `eqx.nn.State` made with it (not consumed).
     - `batches`: an iterable of batches (arrays or pytrees), read once.
-    - `call`: `call(model, batch, state) -> (output, state)` (the state last, if more
-      is returned) runs the model on one batch. Default: `model(batch, state)`, or with
-      `axis_name`, `jax.vmap(model, axis_name=axis_name, in_axes=(0, None),
+    - `call`: `call(model, batch, state) -> (output, state)` (the state last) runs the
+      model on one batch. Default: `model(batch, state)`.
+    - `axis_name`: for per-example models, the name their `BatchNorm`s reduce over: the
+      default `call` is then `jax.vmap(model, axis_name=axis_name, in_axes=(0, None),
       out_axes=(0, None))(batch, state)`.
-    - `axis_name`: for per-example models, the name their `BatchNorm`s reduce over.
     - `estimator`: `"batch_average"` or `"population"`, as above.
     - `max_batches`: use at most this many batches (e.g. 200, as in PreciseBN).
     - `progress`: show a progress bar (needs `tqdm`; without it, a warning and no bar).
