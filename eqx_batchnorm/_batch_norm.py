@@ -123,10 +123,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ```
 
     Differences from Flax, all deliberate: the fast variance is accurate when the mean
-    dwarfs the spread; masked statistics across devices are exact; groups work under
-    `vmap` and `shard_map` too, and the running statistics average the groups; a batch
-    with non-finite statistics leaves the running statistics unchanged
-    (`skip_nonfinite_updates=False` restores Flax's behaviour).
+    dwarfs the spread; masked statistics across devices are exact; the running statistics
+    average the groups of `axis_index_groups`; non-finite batches are skipped.
     """
 
     scale: Float[Array, "*features"] | None
@@ -193,16 +191,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `axis_name`: a name, or a tuple of names, of `vmap`/`pmap`/`shard_map` axes
           to take statistics across.
         - `axis_index_groups`: a partition of the named axis into equal groups that
-          normalise separately; works under `vmap` (ghost batch norm), `pmap` and
-          `shard_map`.
+          normalise separately, under `vmap` (ghost batch norm), `pmap` and `shard_map`.
         - `use_fast_variance`: one accurate pass if `True`; two passes if `False`.
         - `force_float32_reductions`: statistics (and running statistics) in at least
           float32.
-        - `inference`: use the running statistics (Equinox's name; flipped by
-          `eqx.nn.inference_mode`). `use_running_average` is Flax's alias.
+        - `inference`: use the running statistics (flipped by `eqx.nn.inference_mode`).
+          `use_running_average` is Flax's alias.
         - `key`: a PRNG key, needed only when an initialiser is random.
         - `skip_nonfinite_updates`: features whose batch statistics are not finite keep
-          their running statistics (Flax writes the NaN in).
+          their running statistics (`False`: Flax's behaviour, the NaN written in).
         - `renorm`: batch renormalisation (Ioffe, 2017) in training, with the clipping
           bounds `renorm_r_max` ($r_{max} \ge 1$) and `renorm_d_max` ($d_{max} \ge 0$).
 
@@ -262,20 +259,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
     ) -> tuple[Shaped[Array, "*shape"], eqx.nn.State]:
         r"""**Arguments:**
 
-        - `x`: the input. Batched style: the whole batch. Per-example style (under
-          `vmap` with `axis_name`): one example.
+        - `x`: the whole batch, or one example (per-example style, under `vmap`).
         - `state`: the `eqx.nn.State` holding this layer's running statistics.
         - `key`: unused; accepted so that `eqx.nn.Sequential` can pass one.
         - `inference` / `use_running_average`: override the `inference` field for this
           call (giving both with different values is an error).
         - `mask`: boolean, broadcastable to `x`; statistics over `True` positions only.
         - `update_stats`: whether to update the running statistics (default: when not in
-          inference). Decouples *which* statistics normalise from *whether* the running
-          ones move: `inference=False, update_stats=False` normalises with batch
-          statistics and leaves the state alone (evaluation of a model trained without
-          running statistics, EMA/SWA models); `inference=True, update_stats=True`
-          normalises with the running statistics (before this update) while still
-          accumulating batch statistics (fine-tuning with frozen normalisation).
+          inference), whichever statistics normalise: `inference=False,
+          update_stats=False` normalises with batch statistics and leaves the state
+          alone; `inference=True, update_stats=True` normalises with the running
+          statistics (before this update) while accumulating the batch's.
         - `renorm_r_max`, `renorm_d_max`: per-call clipping bounds for batch
           renormalisation (may be traced, for warm-up schedules).
 
@@ -286,11 +280,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        `BatchNormError` naming the argument: feature size mismatch, bad axis, non-float
-        `x`, bad `mask`, unbound `axis_name` (the message lists the bound names), groups
-        that do not partition the axis, nothing to reduce over, conflicting flags, a
-        `state` that does not fit, or a training call under a `jax.vmap` that would give
-        every example its own running statistics (no `axis_name` for it).
+        `BatchNormError` naming the argument: an `x`, `mask`, `state` or flag that does not
+        fit, an unbound `axis_name`, groups that do not partition the axis, nothing to
+        reduce over, or a training call under a `jax.vmap` without its `axis_name`.
         """
         check_float_input(x)
         if not isinstance(state, eqx.nn.State):
@@ -298,8 +290,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                        "pass the state from `eqx.nn.make_with_state(ebn.BatchNorm)(...)`, "
                        "or the one returned by the previous call")
         shape = tuple(x.shape)
-        if mask is not None:
-            check_mask(mask, shape)
+        check_mask(mask, shape)
         r_max = check_call_bound("renorm_r_max", renorm_r_max, 1.0)
         d_max = check_call_bound("renorm_d_max", renorm_d_max, 0.0)
         # `x` and `mask` are fully checked above; the annotations add only these.
@@ -373,10 +364,7 @@ class _Plan(NamedTuple):
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(plan: _Plan, x, mask, scale, bias, mean_r, var_r, r_max, d_max):
     """One call of the layer on validated arguments: `(y, (new_mean, new_var) or None)`.
-
-    Compiled once per plan and shapes, so un-jitted calls do not recompile, and traced
-    once per plan inside a jitted model however many layers share it.
-    """
+    Compiled once per plan and shapes; traced once per plan inside a jitted model."""
     stats = None if plan.moments is None else _moments.moments(x, mask, plan.moments)
     if plan.use_running:
         mean, var = mean_r, var_r
@@ -402,10 +390,8 @@ def _forward(plan: _Plan, x, mask, scale, bias, mean_r, var_r, r_max, d_max):
 
 
 def _renorm_affine(epsilon, mean, var, mean_r, var_r, scale, bias, r_max, d_max):
-    """Batch renormalisation as an affine correction. With stop-gradient r and d,
-    ((x - mu_b) / s_b * r + d) * gamma + beta
-    == (x - mu_b) / s_b * (gamma r) + (gamma d + beta).
-    """
+    """Batch renormalisation as an affine correction: with stop-gradient `r` and `d`,
+    `((x - mu) / s * r + d) * gamma + beta == (x - mu) / s * (gamma r) + (gamma d + beta)`."""
     sg = jax.lax.stop_gradient
     std_b = jnp.sqrt(sg(var) + epsilon)
     std_r = jnp.sqrt(var_r.astype(std_b.dtype) + epsilon)

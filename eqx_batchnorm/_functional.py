@@ -90,9 +90,8 @@ def batch_statistics(
 
     - `x`: floating-point input (a JAX or NumPy array).
     - `axis`: the feature axis or axes; every other axis is reduced.
-    - `mask`: boolean, broadcastable to `x`; only `True` positions count. With
-      `axis_name`, sums and counts are reduced across participants, so the statistics
-      are exact even when participants hold different numbers of valid elements.
+    - `mask`: boolean, broadcastable to `x`; only `True` positions count, exactly also
+      across participants holding different numbers of them.
     - `axis_name`: a name or tuple of names bound by `vmap`/`pmap`/`shard_map`.
     - `axis_index_groups`: a partition of the named axis into equal groups; each group
       gets its own statistics. Works under `vmap`, `pmap` and `shard_map`.
@@ -111,8 +110,7 @@ def batch_statistics(
     unbound `axis_name`, or nothing to reduce over.
     """
     _validate.check_float_input(x)
-    if mask is not None:
-        _validate.check_mask(mask, tuple(x.shape))
+    _validate.check_mask(mask, tuple(x.shape))
     feature_axes = _validate.canonical_feature_axes(_validate.as_axis_tuple(axis), x.ndim,
                                                     tuple(x.shape))
     names = _validate.as_names(_validate.check_axis_name(axis_name))
@@ -147,13 +145,8 @@ def normalize(
 
     $$y = (x - \mu)\,\left(\gamma\,\frac{1}{\sqrt{\sigma^2 + \epsilon}}\right) + \beta$$
 
-    in the order Flax computes it, so the bits agree. The arithmetic runs in the
-    promoted dtype of `x` and the statistics (float32 for half-precision `x` with float32
-    statistics); the result is cast to `dtype`, or to the result type of `x`, `scale`
-    and `bias`.
-
-    Differentiable in every argument, in forward and reverse mode and to any order;
-    reverse mode costs two reductions and one elementwise pass over `x`.
+    in Flax's order, so the bits agree, and in the promoted dtype of `x` and the
+    statistics. Differentiable in every argument, to any order.
 
     !!! Example
 
@@ -171,7 +164,7 @@ def normalize(
     - `scale`, `bias`: optional feature-shaped $\gamma$ and $\beta$.
     - `axis`: the feature axis or axes of `x`.
     - `epsilon`: $\epsilon$, added to the variance (may be traced).
-    - `dtype`: the output dtype (default: inferred as above).
+    - `dtype`: the output dtype (default: the result type of `x`, `scale` and `bias`).
 
     **Returns:**
 

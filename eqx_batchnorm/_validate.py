@@ -122,6 +122,8 @@ def check_float_input(x: Any, argument: str = "x") -> None:
 
 
 def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
+    if mask is None:
+        return
     check_array("mask", mask, "boolean")
     if mask.dtype != jnp.bool_:
         raise fail("mask", "a boolean array (True where an element counts)",
