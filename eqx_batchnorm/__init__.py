@@ -1,13 +1,9 @@
 """`flax.linen.BatchNorm`'s semantics in Equinox's explicit-state style.
 
-Public names:
-
-- the module `BatchNorm` and its state `BatchStats`;
-- the functional core `batch_statistics` (returning `BatchStatistics`), `normalize` and
-  `update_running_average`;
-- `recompute_statistics` (precise BN), `fold_into` and `fold_sequential` (deployment);
-- the converters `from_flax`, `to_flax`, `from_torch` and `from_equinox`;
-- `BatchNormError`, the one exception raised for bad input.
+The module `BatchNorm` (state: `BatchStats`); the functional core `batch_statistics`
+(returning `BatchStatistics`), `normalize`, `update_running_average`; `recompute_statistics`
+(precise BN), `fold_into`, `fold_sequential`; the converters `from_flax`, `to_flax`,
+`from_nnx`, `to_nnx`, `from_torch`, `from_equinox`, `from_equinox_model`; `BatchNormError`.
 """
 
 from ._adoption import from_equinox_model as from_equinox_model

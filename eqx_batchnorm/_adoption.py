@@ -12,11 +12,6 @@ from ._batch_norm import BatchNorm
 from ._errors import fail
 from ._interop import from_equinox, from_flax, to_flax
 
-__all__ = ["from_equinox_model", "from_nnx", "to_nnx"]
-
-
-# ----------------------------------------------------------------------------- Equinox
-
 
 def _is_eqx_bn(x: Any) -> bool:
     return isinstance(x, eqx.nn.BatchNorm)
@@ -52,36 +47,16 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
     !!! Example
 
         ```python
-        class Net(eqx.Module):
-            blocks: list
-            head: eqx.nn.Linear
-
-            def __init__(self, key):
-                k1, k2, k3 = jax.random.split(key, 3)
-                self.blocks = [
-                    eqx.nn.Sequential([eqx.nn.Conv2d(3, 8, 3, padding=1, key=k1),
-                                       eqx.nn.BatchNorm(8, "batch", mode="batch")]),
-                    eqx.nn.Sequential([eqx.nn.Conv2d(8, 8, 3, padding=1, key=k2),
-                                       eqx.nn.BatchNorm(8, "batch", mode="batch")]),
-                ]
-                self.head = eqx.nn.Linear(8, 10, key=k3)
-
-            def __call__(self, x, state):
-                for block in self.blocks:
-                    x, state = block(x, state)
-                    x = jax.nn.relu(x)
-                return self.head(x.mean((1, 2))), state
-
-        model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+        model, state = eqx.nn.make_with_state(eqx.nn.Sequential)([
+            eqx.nn.Conv2d(3, 8, 3, padding=1, key=jax.random.key(0)),
+            eqx.nn.BatchNorm(8, "batch", mode="batch"),
+            eqx.nn.Sequential([eqx.nn.Conv2d(8, 8, 3, padding=1, key=jax.random.key(1)),
+                               eqx.nn.BatchNorm(8, "batch", mode="batch")]),
+        ])
         model, state = ebn.from_equinox_model(model, state)   # every BatchNorm at once
-
-        @eqx.filter_jit
-        def forward(model, xs, state):
-            return jax.vmap(model, axis_name="batch", in_axes=(0, None),
-                            out_axes=(0, None))(xs, state)
-
-        xs = jax.random.normal(jax.random.key(1), (4, 3, 8, 8))
-        logits, state = forward(model, xs, state)              # a training step
+        xs = jax.random.normal(jax.random.key(2), (4, 3, 8, 8))
+        ys, state = jax.vmap(model, axis_name="batch", in_axes=(0, None),
+                             out_axes=(0, None))(xs, state)     # a training step
         ```
 
     **Arguments:**
@@ -177,9 +152,6 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
         new_keys.append(key)
         new_values.append(value)
     return new_model, eqx.nn.State.tree_unflatten(tuple(new_keys), tuple(new_values))
-
-
-# ----------------------------------------------------------------------------- NNX
 
 
 def _nnx() -> Any:

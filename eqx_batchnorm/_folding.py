@@ -10,8 +10,6 @@ from ._batch_norm import BatchNorm, _get_running
 from ._errors import fail
 from ._validate import as_axis_tuple
 
-__all__ = ["fold_into", "fold_sequential"]
-
 _Foldable = eqx.nn.Linear | eqx.nn.Conv | eqx.nn.ConvTranspose
 
 

@@ -17,8 +17,6 @@ from ._errors import fail
 from ._folding import _replace
 from ._validate import check_scalar, one_or_all
 
-__all__ = ["from_equinox", "from_flax", "from_torch", "to_flax"]
-
 
 def _to_jax(name: str, value: Any) -> Array:
     """A JAX array from a JAX/NumPy array or a PyTorch tensor (without importing torch)."""

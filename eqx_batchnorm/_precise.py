@@ -15,8 +15,6 @@ from ._batch_norm import BatchNorm, BatchStats, _get_running
 from ._errors import fail
 from ._folding import _replace
 
-__all__ = ["recompute_statistics"]
-
 _SENTINEL = -1.0  # a variance no batch can produce: marks a layer that was not updated
 
 
