@@ -116,16 +116,13 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
                        f"a state without the statistics of the eqx.nn.BatchNorm at {where}",
                        "pass the state that `eqx.nn.make_with_state` returned with this "
                        "model, or the one returned by its last call")
-        if main.marker in by_marker:
-            first, index = by_marker[main.marker]
-            if (first.input_size, first.mode) != (layer.input_size, layer.mode):
-                raise fail("model", "layers sharing a state entry to have one shape and mode",
-                           f"the eqx.nn.BatchNorm at {where} ({layer.input_size} features, "
-                           f"mode={layer.mode!r}) sharing with one of {first.input_size} "
-                           f"features, mode={first.mode!r}",
-                           "give each layer its own `eqx.nn.StateIndex`")
-        else:
-            index = None
+        first, index = by_marker.get(main.marker, (layer, None))
+        if (first.input_size, first.mode) != (layer.input_size, layer.mode):
+            raise fail("model", "layers sharing a state entry to have one shape and mode",
+                       f"the eqx.nn.BatchNorm at {where} ({layer.input_size} features, "
+                       f"mode={layer.mode!r}) sharing with one of {first.input_size} "
+                       f"features, mode={first.mode!r}",
+                       "give each layer its own `eqx.nn.StateIndex`")
         bn, bn_state = from_equinox(layer, state)
         if index is None:
             stats = bn_state.get(bn.state_index)
@@ -139,19 +136,13 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
         by_object[id(layer)] = eqx.tree_at(lambda b: b.state_index, bn, index)
         removed.update((main.marker, aux.marker))
 
-    new_leaves = [by_object[id(leaf)] if _is_eqx_bn(leaf) else leaf
-                  for _, leaf in path_leaves]
-    new_model = jtu.tree_unflatten(treedef, new_leaves)
+    new_model = jtu.tree_unflatten(treedef, [by_object[id(leaf)] if _is_eqx_bn(leaf) else leaf
+                                             for _, leaf in path_leaves])
 
-    new_keys, new_values = [], []
-    for key, value in entries.items():
-        if key in converted:
-            value = converted[key]
-        elif key in removed:
-            continue  # the auxiliary entry (first-time flag, step counter) of a layer
-        new_keys.append(key)
-        new_values.append(value)
-    return new_model, eqx.nn.State.tree_unflatten(tuple(new_keys), tuple(new_values))
+    # Without the layers' auxiliary entries (first-time flag, step counter).
+    kept = {key: converted.get(key, value) for key, value in entries.items()
+            if key in converted or key not in removed}
+    return new_model, eqx.nn.State.tree_unflatten(tuple(kept), tuple(kept.values()))
 
 
 def _nnx() -> Any:

@@ -140,24 +140,14 @@ def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
         variables = flax_bn.init(jax.random.key(1), x, use_running_average=False)
         bn, state = ebn.from_flax(variables, momentum=0.9)   # attributes as in Flax
         y, state = bn(x, state)                               # Flax's training step
-
-        # In a larger model, pass one layer's sub-trees.
-        class Net(nn.Module):
-            @nn.compact
-            def __call__(self, x, train: bool):
-                return nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
-
-        net_variables = Net().init(jax.random.key(2), x, train=False)
-        bn, state = ebn.from_flax({
-            "params": net_variables["params"]["BatchNorm_0"],
-            "batch_stats": net_variables["batch_stats"]["BatchNorm_0"],
-        })
         ```
 
     **Arguments:**
 
     - `variables`: `{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}` of
       one layer (a dict or a `FrozenDict`; `"params"` may lack entries, as Flax stores it).
+      In a larger model, pass one layer's sub-trees, e.g. `{"params":
+      params["BatchNorm_0"], "batch_stats": batch_stats["BatchNorm_0"]}`.
     - `**kwargs`: passed to `BatchNorm` (not `num_features`, which is read from the
       arrays). With several feature axes, give `axis=` as a tuple.
 
