@@ -61,7 +61,8 @@ class _VmapCall:
 
 @eqx.filter_jit
 def _accumulate(probe_model: Any, base_state: eqx.nn.State, batch: Any, acc: list,
-                count: jax.Array, call: Callable) -> list:
+                k: jax.Array, call: Callable) -> list:
+    """`acc` with the statistics of the `k`-th batch averaged in."""
     out = call(probe_model, batch, base_state)
     new_state = out[-1] if isinstance(out, tuple) else out
     if not isinstance(new_state, eqx.nn.State):
@@ -69,7 +70,6 @@ def _accumulate(probe_model: Any, base_state: eqx.nn.State, batch: Any, acc: lis
                    f"a function returning {type(out).__name__}",
                    "return the state as the last element, e.g. "
                    "`call=lambda m, x, s: m(x, s)`")
-    k = count + 1
     new_acc = []
     for (_, bn), (mean_avg, m2, var_avg, updated) in zip(_batch_norms(probe_model), acc,
                                                           strict=True):
@@ -132,14 +132,6 @@ def recompute_statistics(
         batches = [x_train[i:i + 128] for i in range(0, 1024, 128)]
         # ... training, then e.g. weight averaging, then, for a per-example model:
         state = ebn.recompute_statistics(model, state, batches, axis_name="batch")
-
-        # Any other calling convention through `call`, e.g. dict batches:
-        def call(model, batch, state):
-            return jax.vmap(model, axis_name="batch", in_axes=(0, None),
-                            out_axes=(0, None))(batch["image"], state)
-
-        state = ebn.recompute_statistics(
-            model, state, ({"image": x} for x in batches), call=call, max_batches=4)
         ```
 
     **Arguments:**
@@ -148,7 +140,7 @@ def recompute_statistics(
     - `state`: the `eqx.nn.State` made with it (not consumed).
     - `batches`: an iterable of batches (arrays or pytrees), read once.
     - `call`: `call(model, batch, state) -> (output, state)` (the state last) runs the
-      model on one batch. Default: `model(batch, state)`.
+      model on one batch, e.g. to unpack dict batches. Default: `model(batch, state)`.
     - `axis_name`: for per-example models, the name their `BatchNorm`s reduce over: the
       default `call` is then `jax.vmap(model, axis_name=axis_name, in_axes=(0, None),
       out_axes=(0, None))(batch, state)`.
@@ -202,16 +194,13 @@ def recompute_statistics(
     if progress:
         iterator = _with_progress(iterator, batches, max_batches)
     count = 0
-    for batch in iterator:
-        acc = _accumulate(probe_model, base, batch, acc, jnp.asarray(count, jnp.float32),
-                          call)
-        count += 1
+    for count, batch in enumerate(iterator, start=1):
+        acc = _accumulate(probe_model, base, batch, acc, jnp.asarray(count, jnp.float32), call)
     if count == 0:
         raise fail("batches", "at least one batch", "an empty iterable",
                    "pass an iterable that yields batches (a generator is read only once)")
 
-    missing = [path for (path, _), entry in zip(bns, acc, strict=True)
-               if not bool(entry[3])]
+    missing = [path for (path, _), entry in zip(bns, acc, strict=True) if not entry[3]]
     if missing:
         raise fail("model", "every BatchNorm called in training mode on every batch",
                    f"{missing} left without statistics",

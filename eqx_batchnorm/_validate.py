@@ -177,10 +177,9 @@ def check_scalar(name: str, value: Any, low: float, high: float = math.inf, *,
         raise fail(name, "a concrete Python number (it is static, fixed at construction)",
                    f"a traced value {_short_repr(value)}",
                    f"build the layer outside `jit`/`vmap`, with `{name}` a Python float")
-    dtype = getattr(value, "dtype", None)
-    real = (isinstance(value, int | float | np.integer | np.floating)
-            and not isinstance(value, bool | np.bool_)) or (
-        dtype is not None and np.ndim(value) == 0 and not jnp.issubdtype(dtype, jnp.bool_)
+    dtype = getattr(value, "dtype", None)  # NumPy scalars and 0-d arrays have one
+    real = (isinstance(value, int | float) and not isinstance(value, bool)) or (
+        dtype is not None and np.ndim(value) == 0
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)))
     if not real:
         raise fail(name, "a real number", f"{type(value).__name__} {_short_repr(value)}",
@@ -228,19 +227,17 @@ def check_axis_name(axis_name: Any) -> Any:
     """`axis_name` as None, one hashable name, or a tuple of names (a list becomes a tuple)."""
     if isinstance(axis_name, list):
         axis_name = tuple(axis_name)
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    if axis_name is not None:
-        for name in names:
-            try:
-                hash(name)
-            except TypeError:
-                raise fail("axis_name", "None, a hashable name (e.g. a str) or a tuple of "
-                           "names", f"{type(name).__name__} {_short_repr(name)}",
-                           "pass the `axis_name=` given to `jax.vmap`/`pmap`/"
-                           "`shard_map`, e.g. `axis_name='batch'`") from None
-            if name is None:
-                raise fail("axis_name", "names, not None, inside the tuple",
-                           repr(axis_name), "leave None out of the tuple")
+    for name in as_names(axis_name):
+        try:
+            hash(name)
+        except TypeError:
+            raise fail("axis_name", "None, a hashable name (e.g. a str) or a tuple of names",
+                       f"{type(name).__name__} {_short_repr(name)}",
+                       "pass the `axis_name=` given to `jax.vmap`/`pmap`/`shard_map`, e.g. "
+                       "`axis_name='batch'`") from None
+        if name is None:
+            raise fail("axis_name", "names, not None, inside the tuple", repr(axis_name),
+                       "leave None out of the tuple")
     return axis_name
 
 
