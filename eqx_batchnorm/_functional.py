@@ -184,22 +184,14 @@ def normalize(
                                                     shape)
     features = tuple(shape[a] for a in feature_axes)
     if tuple(mean.shape) != features:
-        raise fail("mean", f"the features' shape {features} of `x` (shape "
-                             f"{shape}, `axis={axis}`)", f"shape {tuple(mean.shape)}",
-                             "pass statistics with one entry per feature, e.g. from "
-                             "`ebn.batch_statistics(x, axis)`")
+        raise fail("mean", f"the features' shape {features} of `x` (shape {shape}, "
+                   f"`axis={axis}`)", f"shape {tuple(mean.shape)}", "pass statistics with "
+                   "one entry per feature, e.g. from `ebn.batch_statistics(x, axis)`")
     cfg = normalize_config(x, feature_axes, 0.0, scale, bias, dtype)
     if isinstance(epsilon, int | float | np.floating | np.integer):
         eps = _validate.check_scalar("epsilon", epsilon, 0.0, finite=True)
         return _normalize_jit(cfg._replace(epsilon=eps), x, mean, var, scale, bias)
     return _normalize_jit(cfg, x, mean, var, scale, bias, epsilon)
-
-
-_RUNNING_HINTS = {
-    "running": Float[Array | np.ndarray, "*features"],
-    "batch": Float[Array | np.ndarray, "*features"],
-    "momentum": float | Float[Array | np.ndarray, ""],
-}
 
 
 def update_running_average(
@@ -239,7 +231,7 @@ def update_running_average(
     """
     if isinstance(momentum, int | np.integer) and not isinstance(momentum, bool):
         momentum = float(momentum)
-    _validate.check_annotations("update_running_average", _RUNNING_HINTS,
+    _validate.check_annotations("update_running_average", update_running_average.__annotations__,
                                 {"running": running, "batch": batch, "momentum": momentum})
     if not isinstance(momentum, Tracer):
         _validate.check_scalar("momentum", momentum, 0.0, 1.0)
