@@ -183,7 +183,7 @@ def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
         raise fail("axis", f"{mean.ndim} feature axes (the statistics have shape "
                    f"{mean.shape})", "the default `axis=-1`",
                    "pass the `axis=` tuple given to flax.linen.BatchNorm")
-    return _build(scale, bias, mean, var, "the Flax variables", dict(kwargs))
+    return _build(scale, bias, mean, var, "the Flax variables", kwargs)
 
 
 _TORCH_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -270,7 +270,6 @@ def from_torch(
     if ("weight" in entries) != ("bias" in entries):
         raise fail("state_dict", "both 'weight' and 'bias' (affine=True) or neither",
                    f"keys {sorted(entries)}", "pass the whole state_dict of the layer")
-    kwargs = dict(kwargs)
     if torch_momentum is not None:
         if "momentum" in kwargs:
             raise fail("torch_momentum", "only one of `torch_momentum` (PyTorch's "
@@ -278,8 +277,7 @@ def from_torch(
                        f"torch_momentum={torch_momentum!r}, momentum={kwargs['momentum']!r}",
                        "pass one: `momentum = 1 - torch_momentum`")
         kwargs["momentum"] = 1.0 - check_scalar("torch_momentum", torch_momentum, 0.0, 1.0)
-    kwargs.setdefault("momentum", 0.9)  # PyTorch's default momentum=0.1
-    kwargs.setdefault("axis", 1)
+    kwargs = {"momentum": 0.9, "axis": 1} | kwargs  # PyTorch's defaults: 0.1, (N, C, ...)
     mean, var = (_to_jax(k, entries[k]) for k in ("running_mean", "running_var"))
     scale, bias = (_to_jax(k, entries[k]) if k in entries else None for k in ("weight", "bias"))
     if mean.ndim != 1:

@@ -29,16 +29,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def as_axis_tuple(axis: Any, argument: str = "axis") -> tuple[int, ...]:
+def as_axis_tuple(axis: Any) -> tuple[int, ...]:
     """`axis` as a non-empty tuple of ints, refusing repeats visible before the rank is known."""
     items = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else (axis,)
     if not items or not all(_is_int(a) for a in items):
-        raise fail(argument, "an int or a non-empty tuple of ints naming the feature axes",
-                   repr(axis), f"pass e.g. `{argument}=-1` (channels last) or "
-                   f"`{argument}=0` (channels first, per example)")
+        raise fail("axis", "an int or a non-empty tuple of ints naming the feature axes",
+                   repr(axis), "pass e.g. `axis=-1` (channels last) or `axis=0` (channels "
+                   "first, per example)")
     items = tuple(int(a) for a in items)
     if len(set(items)) != len(items):
-        raise fail(argument, "distinct axes", repr(axis), "name each feature axis once")
+        raise fail("axis", "distinct axes", repr(axis), "name each feature axis once")
     return items
 
 
@@ -53,8 +53,8 @@ def feature_order(axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(axes)), key=lambda i: (axes[i] < 0, axes[i])))
 
 
-def canonical_feature_axes(axes: tuple[int, ...], ndim: int, shape: tuple[int, ...],
-                           argument: str = "axis") -> tuple[int, ...]:
+def canonical_feature_axes(axes: tuple[int, ...], ndim: int,
+                           shape: tuple[int, ...]) -> tuple[int, ...]:
     """Feature axes of an `ndim`-dimensional `x`, non-negative and ascending."""
     if ndim == 0:
         # Without this, a scalar would be reported as an `axis` out of "[-0, 0)".
@@ -63,17 +63,17 @@ def canonical_feature_axes(axes: tuple[int, ...], ndim: int, shape: tuple[int, .
                    "(batch, features); a lone scalar has no feature axis")
     for a in axes:
         if not -ndim <= a < ndim:
-            raise fail(argument, f"axes in [-{ndim}, {ndim}) for `x` of shape {shape}",
+            raise fail("axis", f"axes in [-{ndim}, {ndim}) for `x` of shape {shape}",
                        repr(one_or_all(axes)),
                        "pass the axis of `x` that holds the features; under "
                        "`jax.vmap`, `x` is one example, so channels-first is `axis=0`")
     canon = tuple(a % ndim for a in axes)
     if len(set(canon)) != len(canon):
-        raise fail(argument, f"distinct axes of `x` (shape {shape})", repr(axes),
+        raise fail("axis", f"distinct axes of `x` (shape {shape})", repr(axes),
                    "the axes name the same dimension of `x` twice; name it once")
     ordered = tuple(canon[i] for i in feature_order(axes))
     if list(ordered) != sorted(ordered):
-        raise fail(argument, "the non-negative feature axes to lie before the negative ones",
+        raise fail("axis", "the non-negative feature axes to lie before the negative ones",
                    f"{axes} for `x` of rank {ndim}",
                    "write the feature axes with the same sign, e.g. all negative")
     return ordered
@@ -110,14 +110,14 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_float_input(x: Any, argument: str = "x") -> None:
-    check_array(argument, x)
+def check_float_input(x: Any) -> None:
+    check_array("x", x)
     dtype = x.dtype  # a NumPy dtype, also for strings and objects
     if not jnp.issubdtype(dtype, jnp.floating):
         hint = ("complex inputs are not supported; normalise the real and imaginary "
                 "parts separately" if jnp.issubdtype(dtype, jnp.complexfloating)
-                else f"cast first, e.g. `{argument}.astype(jnp.float32)`")
-        raise fail(argument, "a floating-point array (float16, bfloat16, float32, float64)",
+                else "cast first, e.g. `x.astype(jnp.float32)`")
+        raise fail("x", "a floating-point array (float16, bfloat16, float32, float64)",
                    f"dtype {dtype}", hint)
 
 
