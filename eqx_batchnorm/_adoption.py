@@ -181,9 +181,6 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
         nnx_bn(x)                                      # a training step in NNX
         bn, state = ebn.from_nnx(nnx_bn)
         y, _ = bn(x, state, inference=True)            # == nnx_bn(x, use_running_average=True)
-
-        # Per example under jax.vmap, as Equinox models call it: override the layout.
-        bn, state = ebn.from_nnx(nnx_bn, axis=0, axis_name="batch")
         ```
 
     **Arguments:**

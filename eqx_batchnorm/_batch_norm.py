@@ -222,9 +222,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         check_callable("bias_init", bias_init)
         check_callable("scale_init", scale_init)
         self.bias_init, self.scale_init = bias_init, scale_init
-        axis_name = check_axis_name(axis_name)
-        self.axis_name = axis_name
-        self.axis_index_groups = check_axis_index_groups(axis_index_groups, axis_name)
+        self.axis_name = check_axis_name(axis_name)
+        self.axis_index_groups = check_axis_index_groups(axis_index_groups, self.axis_name)
         self.use_fast_variance = check_flag("use_fast_variance", use_fast_variance)
         self.force_float32_reductions = check_flag("force_float32_reductions",
                                                    force_float32_reductions)

@@ -222,11 +222,6 @@ def from_torch(
         bn, state = ebn.from_torch(torch_bn.state_dict())     # axis=1, momentum=0.9
         x = torch.randn(4, 16, 8, 8)                          # NCHW
         y, _ = bn(jnp.asarray(x.numpy()), state, inference=True)   # == torch_bn(x)
-
-        # One layer of a larger model, for per-example use under jax.vmap:
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
-        bn, state = ebn.from_torch(model.state_dict(), prefix="1.",
-                                   axis=0, axis_name="batch")
         ```
 
     **Arguments:**
@@ -236,7 +231,7 @@ def from_torch(
     - `torch_momentum`: the momentum in PyTorch's convention, in $[0, 1]$ (default: 0.1,
       unless `momentum=` gives this library's).
     - `prefix`: prepended to every key, to pick one layer out of a model's
-      `state_dict()` (e.g. `"layer1.0.bn1."`).
+      `state_dict()` (e.g. `"layer1.0.bn1."`, or `"1."` for `Sequential(conv, bn)`).
     - `**kwargs`: passed to `BatchNorm` (`axis`, `epsilon`, `axis_name`, ...).
 
     **Returns:**

@@ -7,6 +7,7 @@ invariant, so that statistics are typed as replicated under `shard_map` (see
 `docs/distributed.md`).
 """
 
+import itertools
 from collections.abc import Hashable
 from typing import Any, cast
 
@@ -117,13 +118,8 @@ class Participants:
         Consecutive mesh names take one invariant `all_gather` (typed as replicated);
         `vmap` names one at a time, since JAX cannot mix them with mesh names in one.
         """
-        runs: list[tuple[bool, list[Hashable]]] = []
-        for name in self.names:
-            on_mesh = name in self.mesh_names
-            if runs and runs[-1][0] == on_mesh:
-                runs[-1][1].append(name)
-            else:
-                runs.append((on_mesh, [name]))
+        runs = [(on_mesh, list(run)) for on_mesh, run
+                in itertools.groupby(self.names, lambda name: name in self.mesh_names)]
         out = v
         for on_mesh, run in reversed(runs):  # innermost first: first name outermost
             if on_mesh:
