@@ -310,9 +310,9 @@ def _tracks_replication(mesh_name: Hashable) -> bool:
     return bool(varying)
 
 
-def _vmap_levels(value: Any) -> list[tuple[Any, Any, int]]:
-    """`(trace, mapped value, batch axis)` for each `vmap` that maps `value`, innermost
-    first. Reads JAX's private tracers: another JAX layout only turns the checks off."""
+def _vmap_levels(value: Any) -> list[tuple[Any, Any, Any, int]]:
+    """`(trace, axis name, mapped value, batch axis)` for each `vmap` that maps `value`,
+    innermost first. Reads JAX's private tracers: another layout only turns the checks off."""
     try:
         from jax._src.interpreters.batching import BatchTracer
     except ImportError:
@@ -320,20 +320,16 @@ def _vmap_levels(value: Any) -> list[tuple[Any, Any, int]]:
     levels = []
     while isinstance(value, BatchTracer):
         if value.batch_dim is not None:  # None: not mapped at this level
-            levels.append((value._trace, value.val, value.batch_dim))
+            name = getattr(getattr(value._trace, "axis_data", None), "name", None)
+            levels.append((value._trace, name, value.val, value.batch_dim))
         value = value.val
     return levels
-
-
-def _level_name(trace: Any) -> Any:
-    return getattr(getattr(trace, "axis_data", None), "name", None)
 
 
 def check_vmap_batch_unsharded(x: Any, names: tuple[Hashable, ...]) -> None:
     """Refuses a `vmap` axis in `names` whose batch dimension is sharded over an explicit
     mesh: JAX 0.10 cannot lower a `psum` over it (a raw `ValueError`)."""
-    for trace, mapped, axis in _vmap_levels(x):
-        name = _level_name(trace)
+    for _, name, mapped, axis in _vmap_levels(x):
         mesh = explicit_mesh(mapped) if name in names else None
         if mesh is None or full_spec(mapped)[axis] is None:
             continue
@@ -351,9 +347,8 @@ def check_vmap_batch_unsharded(x: Any, names: tuple[Hashable, ...]) -> None:
 def check_running_stays_unmapped(x: Any, running: Any, names: tuple[Hashable, ...]) -> None:
     """Refuses a training call under a `jax.vmap` that maps `x` but not the state: its
     per-example statistics would reach JAX as a confusing `out_axes` error."""
-    state_levels = [trace for trace, _, _ in _vmap_levels(running)]
-    for level, _, _ in _vmap_levels(x):
-        name = _level_name(level)
+    state_levels = [trace for trace, *_ in _vmap_levels(running)]
+    for level, name, _, _ in _vmap_levels(x):
         if level in state_levels or name in names:
             continue
         named = isinstance(name, str)
