@@ -145,6 +145,11 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
     return new_model, eqx.nn.State.tree_unflatten(tuple(kept), tuple(kept.values()))
 
 
+# The arguments of `flax.nnx.BatchNorm` that mean the same here, under the same name.
+_NNX_ARGUMENTS = ("momentum", "epsilon", "param_dtype", "axis_name", "axis_index_groups",
+                  "use_fast_variance")
+
+
 def _nnx() -> Any:
     """`flax.nnx`, or None where Flax is not installed (it is not a dependency)."""
     try:
@@ -221,16 +226,11 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
     dtype = layer.dtype
     if dtype is None:
         dtype = jnp.promote_types(layer.param_dtype, jnp.float32)
-    options: dict[str, Any] = dict(
-        axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon, dtype=dtype,
-        param_dtype=layer.param_dtype, axis_name=layer.axis_name,
-        axis_index_groups=layer.axis_index_groups,
-        use_fast_variance=layer.use_fast_variance,
-        inference=bool(layer.use_running_average))
-    if "use_running_average" in overrides:
-        del options["inference"]
-    options.update(overrides)
-    return from_flax(variables, **options)
+    options = {name: getattr(layer, name) for name in _NNX_ARGUMENTS}
+    options.update(axis=layer.axis, dtype=dtype)
+    if "use_running_average" not in overrides:
+        options["inference"] = bool(layer.use_running_average)
+    return from_flax(variables, **(options | overrides))
 
 
 def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
@@ -295,12 +295,9 @@ def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
                        "bn, state), axis=bn.axis, momentum=bn.momentum, ...)`")
     axis = bn.axis if isinstance(bn.axis, int) else bn.axis[0]
     layer = nnx.BatchNorm(
-        bn.feature_shape[0], use_running_average=bool(bn.inference), axis=axis,
-        momentum=bn.momentum, epsilon=bn.epsilon, dtype=bn.dtype,
-        param_dtype=bn.param_dtype, use_bias=bn.use_bias, use_scale=bn.use_scale,
-        axis_name=bn.axis_name, axis_index_groups=bn.axis_index_groups,
-        use_fast_variance=bn.use_fast_variance,
-        rngs=nnx.Rngs(0) if rngs is None else rngs)
+        bn.feature_shape[0], use_running_average=bool(bn.inference), axis=axis, dtype=bn.dtype,
+        use_bias=bn.use_bias, use_scale=bn.use_scale, rngs=nnx.Rngs(0) if rngs is None else rngs,
+        **{name: getattr(bn, name) for name in _NNX_ARGUMENTS})
     for name, value in variables.get("params", {}).items():
         getattr(layer, name)[...] = value
     layer.mean[...] = variables["batch_stats"]["mean"].astype(jnp.float32)

@@ -343,10 +343,8 @@ def from_equinox(eqx_bn: Any, state: Any,
                    "call of `eqx_bn`") from e
     dtype = eqx_bn.weight.dtype if eqx_bn.weight is not None else jnp.asarray(mean).dtype
     options: dict[str, Any] = dict(axis=0, axis_name=eqx_bn.axis_name, epsilon=eqx_bn.eps,
-                                   momentum=eqx_bn.momentum, inference=eqx_bn.inference,
-                                   param_dtype=dtype)
-    if "use_running_average" in kwargs:
-        del options["inference"]
-    options.update(kwargs)
+                                   momentum=eqx_bn.momentum, param_dtype=dtype)
+    if "use_running_average" not in kwargs:
+        options["inference"] = eqx_bn.inference
     return _build(eqx_bn.weight, eqx_bn.bias, jnp.asarray(mean), jnp.asarray(var),
-                  "the eqx.nn.BatchNorm", options)
+                  "the eqx.nn.BatchNorm", options | kwargs)
