@@ -37,12 +37,9 @@ def _init_was_deleted(index: eqx.nn.StateIndex) -> bool:
 def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
     r"""Converts every `eqx.nn.BatchNorm` of a model at once, and its state.
 
-    Each `eqx.nn.BatchNorm` anywhere in `model` (at any depth) is replaced by the
-    `BatchNorm` that `from_equinox` makes of it; every other leaf is kept. The new state
-    keeps the other entries of `state` (e.g. `eqx.nn.SpectralNorm`'s) and holds the
-    converted statistics under the keys of the layers they replace. A layer shared by
-    several places of the model (one object, or copies sharing a state entry) stays
-    shared. An optimiser state made for the old model must be made afresh.
+    Each `eqx.nn.BatchNorm` anywhere in `model` is replaced by what `from_equinox` makes
+    of it, and its statistics by the converted ones; shared layers stay shared, and the
+    rest of the model and state is kept. An optimiser state must be made afresh.
 
     !!! Example
 
@@ -164,17 +161,13 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
     statistics and its attributes.
 
     Every attribute maps to the argument of the same name, and `use_running_average` to
-    `inference` (NNX's `None`, "decided at each call", becomes `False`). Training and
-    inference then give NNX's numbers, with these exceptions:
-
-    - **Output dtype.** NNX promotes the input to its float32 statistics, so `dtype=None`
-      becomes `dtype=float32` (or `param_dtype` where wider): NNX's output dtype for every
-      input up to float32 (pass `dtype=None` to keep a float64 input's). With an explicit
-      half-precision `dtype`, NNX also rounds the input before taking the statistics;
-      here, as in linen, they are taken from the input as given.
-    - Initialisers and parameter metadata (e.g. sharding annotations) are not kept.
-    - A batch with non-finite statistics leaves the running statistics unchanged (NNX
-      writes the NaN in); pass `skip_nonfinite_updates=False` for NNX's behaviour.
+    `inference` (NNX's `None` becomes `False`). Training and inference then give NNX's
+    numbers, except that non-finite batches are skipped (`skip_nonfinite_updates=False`
+    writes them in, as NNX does). NNX promotes the input to its float32 statistics, so
+    `dtype=None` becomes `float32` (or a wider `param_dtype`; pass `dtype=None` to keep a
+    float64 input's); with a half-precision `dtype`, NNX also rounds the input before
+    taking the statistics, which differs by about one unit of that rounding. Initialisers
+    and parameter metadata are not kept.
 
     !!! Example
 
@@ -236,14 +229,10 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
 def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
     r"""Exports one `BatchNorm` as a `flax.nnx.BatchNorm`.
 
-    The parameters and running statistics are copied into `nnx.Param` and
-    `nnx.BatchStat` variables, and every argument NNX has is passed on (`inference`
-    becomes `use_running_average`). Training and inference then continue in NNX with the
-    same numbers, except that NNX writes non-finite batch statistics into its running
-    statistics (`skip_nonfinite_updates` has no counterpart), and with `dtype=None`
-    returns float32 for a half-precision input. Refused, as NNX cannot express them: a
-    layer with several feature axes (`to_flax` exports it to linen), `renorm=True`, and
-    `force_float32_reductions=False`.
+    Every argument NNX has is passed on (`inference` as `use_running_average`), and
+    training and inference continue in NNX with the same numbers, except that NNX writes
+    non-finite batch statistics in, and with `dtype=None` returns float32 for a
+    half-precision input.
 
     !!! Example
 
@@ -272,7 +261,8 @@ def to_nnx(bn: Any, state: eqx.nn.State, *, rngs: Any = None) -> Any:
     **Raises:**
 
     `BatchNormError` if `bn` is not a `BatchNorm` or `state` does not hold its
-    statistics, if Flax is not installed, or for the settings NNX cannot express.
+    statistics, if Flax is not installed, or for what NNX cannot express: several
+    feature axes (use `to_flax`), `renorm=True`, `force_float32_reductions=False`.
     """
     variables = to_flax(bn, state)  # checks `bn`, and that `state` holds its statistics
     nnx = _nnx()

@@ -177,8 +177,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     ):
         r"""**Arguments:**
 
-        - `num_features`: the size of the feature axis, or a tuple of sizes, one per
-          entry of `axis`.
+        - `num_features`: the feature size, or a tuple of sizes, one per entry of `axis`.
         - `axis`: the feature axis or axes of `x` (Flax's `axis`). Negative axes count
           from the end. Per example under `vmap`, channels-first is `axis=0`.
         - `momentum`: $m$ of the running average, in $[0, 1]$.
@@ -188,13 +187,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `param_dtype`: the dtype of `scale` and `bias`.
         - `use_bias`, `use_scale`: whether $\beta$, $\gamma$ exist.
         - `bias_init`, `scale_init`: `init(key, shape, dtype)` initialisers.
-        - `axis_name`: a name, or a tuple of names, of `vmap`/`pmap`/`shard_map` axes
-          to take statistics across.
+        - `axis_name`: the name(s) of `vmap`/`pmap`/`shard_map` axes to reduce across.
         - `axis_index_groups`: a partition of the named axis into equal groups that
           normalise separately, under `vmap` (ghost batch norm), `pmap` and `shard_map`.
         - `use_fast_variance`: one accurate pass if `True`; two passes if `False`.
-        - `force_float32_reductions`: statistics (and running statistics) in at least
-          float32.
+        - `force_float32_reductions`: (running) statistics in at least float32.
         - `inference`: use the running statistics (flipped by `eqx.nn.inference_mode`).
           `use_running_average` is Flax's alias.
         - `key`: a PRNG key, needed only when an initialiser is random.
@@ -274,8 +271,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Returns:**
 
-        `(y, state)`: `y` shaped like `x`, and the state with the updated running
-        statistics.
+        `(y, state)`: `y` shaped like `x`, and the state with updated running statistics.
 
         **Raises:**
 
@@ -414,16 +410,14 @@ def _merge_flags(inference: Any, use_running_average: Any, default: bool) -> boo
 
 def _field_flag(value: Any) -> bool:
     """The `inference` field, which a careless `tree_map` or `jit` can turn into an array."""
-    if isinstance(value, bool):
-        return value
     try:
         return check_flag("inference", value)
     except BatchNormError:
         raise fail("inference", "the layer's `inference` field to be a Python bool",
                    f"{type(value).__name__} of shape {np.shape(value)}",
-                   "map or jit only the arrays of "
-                   "the layer (`eqx.filter_jit`, `eqx.filter(layer, eqx.is_array)`), "
-                   "or set the flag with `eqx.nn.inference_mode(layer, value)`") from None
+                   "map or jit only the arrays of the layer (`eqx.filter_jit`, "
+                   "`eqx.filter(layer, eqx.is_array)`), or set the flag with "
+                   "`eqx.nn.inference_mode(layer, value)`") from None
 
 
 def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:

@@ -46,10 +46,7 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
     $$W' = \mathrm{diag}(s)\,W,\qquad b' = s\odot(b - \mu_r) + \beta,\qquad
       s = \gamma / \sqrt{\sigma^2_r + \epsilon},$$
 
-    with $s$ along the output channels (axis 0 of an Equinox weight), in at least
-    float32. The running statistics are used whatever `bn.inference` says. `bn` must
-    normalise the layer's output channels: `axis=0` per example (Equinox's layers output
-    `(C, ...)`), or `axis=1` on the `(batch, C, ...)` output of a `jax.vmap`ped layer.
+    in at least float32, with the running statistics whatever `bn.inference` says.
 
     !!! Example
 
@@ -68,7 +65,8 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
 
     - `layer`: an `eqx.nn.Linear`, `eqx.nn.Conv` (`Conv1d`/`Conv2d`/`Conv3d`) or
       `eqx.nn.ConvTranspose`, with or without bias.
-    - `bn`: the `BatchNorm` applied to the layer's output.
+    - `bn`: the `BatchNorm` applied to the layer's output channels: `axis=0` per example
+      (Equinox's layers output `(C, ...)`), or `axis=1` on a `jax.vmap`ped layer's output.
     - `state`: the `eqx.nn.State` holding `bn`'s running statistics (not consumed).
 
     **Returns:**
@@ -118,10 +116,8 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
 def fold_sequential(seq: Any, state: eqx.nn.State) -> eqx.nn.Sequential:
     r"""Folds every `BatchNorm` that directly follows a foldable layer in a `Sequential`.
 
-    Each pair (`eqx.nn.Linear` | `eqx.nn.Conv` | `eqx.nn.ConvTranspose`, `BatchNorm`) in
-    `seq.layers`, or in nested `eqx.nn.Sequential`s, becomes `fold_into(layer, bn,
-    state)`. The result computes what `seq` computes in inference mode; batch norms after
-    anything else are kept, and still read `state`.
+    Each such pair in `seq.layers` (or in nested `eqx.nn.Sequential`s) becomes
+    `fold_into(layer, bn, state)`; batch norms after anything else are kept.
 
     !!! Example
 

@@ -198,20 +198,12 @@ def from_torch(
 ) -> tuple[BatchNorm, eqx.nn.State]:
     r"""Imports a `torch.nn.BatchNorm1d/2d/3d` from its `state_dict()`.
 
-    PyTorch's conventions differ from Flax's in three ways, handled here:
-
-    - **Momentum is inverted**: PyTorch updates
-      $\mu_r \leftarrow (1 - m_t)\,\mu_r + m_t\,\mu$, so its default `momentum=0.1` is
-      `momentum=0.9` here. PyTorch's `momentum=None` (a cumulative average) has no
-      equivalent: choose a momentum, or use `recompute_statistics`.
-    - **`running_var` is the unbiased variance** $\frac{n}{n-1}\sigma^2_B$. It is copied
-      as-is, since PyTorch's `.eval()` normalises with it: inference is exactly PyTorch's.
-      Later training updates it with the biased batch variance (Flax's convention).
-    - **Layout**: the default is PyTorch's `axis=1` (batched, `(N, C, ...)`); pass
-      `axis=0, axis_name="batch"` for Equinox's per-example layers under `jax.vmap`.
-
-    `num_batches_tracked` is ignored; `affine=False` gives `use_scale=False,
-    use_bias=False`; PyTorch's `eps` is `epsilon=` here (same default, 1e-5).
+    PyTorch's momentum is inverted, $\mu_r \leftarrow (1 - m_t)\,\mu_r + m_t\,\mu$: its
+    default 0.1 is `momentum=0.9` here (its `momentum=None` has no equivalent: use
+    `recompute_statistics`). Its `running_var`, the unbiased variance, is copied as-is,
+    since PyTorch's `.eval()` normalises with it; later training updates it with the
+    biased batch variance, as Flax does. The default layout is PyTorch's: `axis=1`.
+    `num_batches_tracked` is ignored; `affine=False` gives `use_scale=use_bias=False`.
 
     !!! Example
 
@@ -232,7 +224,8 @@ def from_torch(
       unless `momentum=` gives this library's).
     - `prefix`: prepended to every key, to pick one layer out of a model's
       `state_dict()` (e.g. `"layer1.0.bn1."`, or `"1."` for `Sequential(conv, bn)`).
-    - `**kwargs`: passed to `BatchNorm` (`axis`, `epsilon`, `axis_name`, ...).
+    - `**kwargs`: passed to `BatchNorm` (`axis`, `epsilon` for PyTorch's `eps`, ...), e.g.
+      `axis=0, axis_name="batch"` for Equinox's per-example layers under `jax.vmap`.
 
     **Returns:**
 
@@ -285,12 +278,9 @@ def from_equinox(eqx_bn: Any, state: Any,
                  **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     r"""Converts an `eqx.nn.BatchNorm` (either `mode`) and its state.
 
-    The result is a per-example layer like the source (`axis=0`, and the source's
-    `axis_name`, `eps`, `momentum`, `inference`, `weight` and `bias`), with the same
-    inference output: `mode="ema"`'s running statistics are copied as they are;
-    `mode="batch"`'s bias-uncorrected averages $h_t$ after $t$ steps become
-    $h_t / (1 - m^t)$. Training then follows Flax's conventions (batch statistics
-    normalise; the running statistics move by `momentum`, with no bias correction).
+    The result is a per-example layer (`axis=0`) with the source's other attributes and
+    the same inference output: `mode="batch"`'s bias-uncorrected averages $h_t$ after $t$
+    steps become $h_t / (1 - m^t)$. Training then follows Flax's conventions.
 
     !!! Example
 

@@ -115,8 +115,8 @@ def recompute_statistics(
 
       $$\sigma^2_r = \frac1K\sum_k \sigma^2_k + \frac1K\sum_k (\mu_k - \mu_r)^2.$$
 
-    Only the `BatchNorm`s are switched to training (without renormalisation): other
-    layers keep their mode, so pass an `eqx.nn.inference_mode` model to keep dropout off.
+    Only the `BatchNorm`s are switched to training: pass an `eqx.nn.inference_mode`
+    model to keep dropout off.
 
     !!! Example
 

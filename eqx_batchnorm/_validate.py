@@ -304,10 +304,8 @@ def check_participants(names: tuple[Hashable, ...],
 
 def _tracks_replication(mesh_name: Hashable) -> bool:
     """Whether the enclosing `shard_map` checks replication (`check_vma=True`)."""
-    aval = jax.typeof(lax.axis_index(mesh_name))
-    mat = getattr(aval, "mat", None)  # JAX >= 0.10; older JAX spells it `vma`
-    varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
-    return bool(varying)
+    mat = getattr(jax.typeof(lax.axis_index(mesh_name)), "mat", None)
+    return bool(getattr(mat, "varying", None))
 
 
 def _vmap_levels(value: Any) -> list[tuple[Any, Any, Any, int]]:
