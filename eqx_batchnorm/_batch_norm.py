@@ -10,30 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
-from . import _moments, _normalize
+from . import _moments, _normalize, _validate
 from ._errors import BatchNormError, fail
 from ._functional import moments_config, normalize_config, running_average
 from ._participants import like_running
-from ._validate import (
-    as_axis_tuple,
-    as_names,
-    canonical_feature_axes,
-    check_annotations,
-    check_axis_index_groups,
-    check_axis_name,
-    check_call_bound,
-    check_callable,
-    check_flag,
-    check_float_input,
-    check_mask,
-    check_num_features,
-    check_optional_flag,
-    check_running_stays_unmapped,
-    check_scalar,
-    check_state_on_mesh,
-    feature_order,
-    one_or_all,
-)
 
 Initializer = Callable[..., Array]
 
@@ -205,31 +185,32 @@ class BatchNorm(eqx.nn.StatefulLayer):
         `BatchNormError` (a `ValueError` and a `TypeError`) naming the argument, for
         any argument out of its domain.
         """
-        axes = as_axis_tuple(axis)
-        sizes = check_num_features(num_features, axes)
-        order = feature_order(axes)
+        axes = _validate.as_axis_tuple(axis)
+        sizes = _validate.check_num_features(num_features, axes)
+        order = _validate.feature_order(axes)
         self.feature_shape = tuple(sizes[i] for i in order)
         self.axis = axes[0] if isinstance(axis, int | np.integer) else axes
-        self.momentum = check_scalar("momentum", momentum, 0.0, 1.0)
-        self.epsilon = check_scalar("epsilon", epsilon, 0.0, finite=True)
+        self.momentum = _validate.check_scalar("momentum", momentum, 0.0, 1.0)
+        self.epsilon = _validate.check_scalar("epsilon", epsilon, 0.0, finite=True)
         self.dtype = _check_dtype("dtype", dtype, allow_none=True)
         self.param_dtype = _check_dtype("param_dtype", param_dtype, allow_none=False)
-        self.use_bias = check_flag("use_bias", use_bias)
-        self.use_scale = check_flag("use_scale", use_scale)
-        check_callable("bias_init", bias_init)
-        check_callable("scale_init", scale_init)
+        self.use_bias = _validate.check_flag("use_bias", use_bias)
+        self.use_scale = _validate.check_flag("use_scale", use_scale)
+        _validate.check_callable("bias_init", bias_init)
+        _validate.check_callable("scale_init", scale_init)
         self.bias_init, self.scale_init = bias_init, scale_init
-        self.axis_name = check_axis_name(axis_name)
-        self.axis_index_groups = check_axis_index_groups(axis_index_groups, self.axis_name)
-        self.use_fast_variance = check_flag("use_fast_variance", use_fast_variance)
-        self.force_float32_reductions = check_flag("force_float32_reductions",
-                                                   force_float32_reductions)
+        self.axis_name = _validate.check_axis_name(axis_name)
+        self.axis_index_groups = _validate.check_axis_index_groups(axis_index_groups,
+                                                                   self.axis_name)
+        self.use_fast_variance = _validate.check_flag("use_fast_variance", use_fast_variance)
+        self.force_float32_reductions = _validate.check_flag("force_float32_reductions",
+                                                             force_float32_reductions)
         self.inference = _merge_flags(inference, use_running_average, default=False)
-        self.skip_nonfinite_updates = check_flag("skip_nonfinite_updates",
-                                                 skip_nonfinite_updates)
-        self.renorm = check_flag("renorm", renorm)
-        self.renorm_r_max = check_scalar("renorm_r_max", renorm_r_max, 1.0)
-        self.renorm_d_max = check_scalar("renorm_d_max", renorm_d_max, 0.0)
+        self.skip_nonfinite_updates = _validate.check_flag("skip_nonfinite_updates",
+                                                           skip_nonfinite_updates)
+        self.renorm = _validate.check_flag("renorm", renorm)
+        self.renorm_r_max = _validate.check_scalar("renorm_r_max", renorm_r_max, 1.0)
+        self.renorm_d_max = _validate.check_scalar("renorm_d_max", renorm_d_max, 0.0)
 
         skey, bkey = (None, None) if key is None else jax.random.split(key)
         self.scale = (_init_param("scale_init", scale_init, skey, self.feature_shape,
@@ -279,30 +260,31 @@ class BatchNorm(eqx.nn.StatefulLayer):
         fit, an unbound `axis_name`, groups that do not partition the axis, nothing to
         reduce over, or a training call under a `jax.vmap` without its `axis_name`.
         """
-        check_float_input(x)
+        _validate.check_float_input(x)
         if not isinstance(state, eqx.nn.State):
             raise fail("state", "an `eqx.nn.State`", f"{type(state).__name__}",
                        "pass the state from `eqx.nn.make_with_state(ebn.BatchNorm)(...)`, "
                        "or the one returned by the previous call")
         shape = tuple(x.shape)
-        check_mask(mask, shape)
-        r_max = check_call_bound("renorm_r_max", renorm_r_max, 1.0)
-        d_max = check_call_bound("renorm_d_max", renorm_d_max, 0.0)
+        _validate.check_mask(mask, shape)
+        r_max = _validate.check_call_bound("renorm_r_max", renorm_r_max, 1.0)
+        d_max = _validate.check_call_bound("renorm_d_max", renorm_d_max, 0.0)
         # `x` and `mask` are fully checked above; the annotations add only these.
-        check_annotations("BatchNorm.__call__", _CALL_HINTS,
-                          {"key": key, "renorm_r_max": r_max, "renorm_d_max": d_max})
-        feature_axes = canonical_feature_axes(as_axis_tuple(self.axis), x.ndim, shape)
+        _validate.check_annotations("BatchNorm.__call__", _CALL_HINTS,
+                                    {"key": key, "renorm_r_max": r_max, "renorm_d_max": d_max})
+        axes = _validate.as_axis_tuple(self.axis)
+        feature_axes = _validate.canonical_feature_axes(axes, x.ndim, shape)
         got = tuple(shape[a] for a in feature_axes)
         if got != self.feature_shape:
             raise fail("x", f"size(s) {self.feature_shape} on the feature axis "
                        f"`axis={self.axis}`", f"shape {shape}, which has {got} there",
                        "pass `x` with the features on `axis` (under `jax.vmap`, `x` is "
                        "one example: use `axis=0` for channels-first), or construct "
-                       f"`BatchNorm({one_or_all(got)}, ...)`")
+                       f"`BatchNorm({_validate.one_or_all(got)}, ...)`")
         running = _get_running(state, self)
         use_running = _merge_flags(inference, use_running_average,
                                    default=_field_flag(self.inference))
-        update_stats = check_optional_flag("update_stats", update_stats)
+        update_stats = _validate.check_optional_flag("update_stats", update_stats)
         update = (not use_running) if update_stats is None else update_stats
         if not self.renorm and (r_max is not None or d_max is not None):
             raise fail("renorm_r_max" if r_max is not None else "renorm_d_max",
@@ -310,15 +292,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
                        f"renorm_r_max={r_max}, renorm_d_max={d_max}",
                        "construct the layer with `BatchNorm(..., renorm=True)`, or drop "
                        "the bound")
-        names = as_names(self.axis_name)
+        names = _validate.as_names(self.axis_name)
         moments = None
         if not use_running or update:
             moments = moments_config(x, feature_axes, names, self.axis_index_groups,
                                      self.use_fast_variance, self.dtype,
                                      self.force_float32_reductions)
         if update:
-            check_running_stays_unmapped(x, running.mean, names)
-            check_state_on_mesh(x, running.mean)
+            _validate.check_running_stays_unmapped(x, running.mean, names)
+            _validate.check_state_on_mesh(x, running.mean)
         renorm = self.renorm and not use_running
         plan = _Plan(
             moments=moments,
@@ -399,8 +381,8 @@ def _renorm_affine(epsilon, mean, var, mean_r, var_r, scale, bias, r_max, d_max)
 
 def _merge_flags(inference: Any, use_running_average: Any, default: bool) -> bool:
     """`inference` and its Flax alias `use_running_average`, each checked, as one flag."""
-    equinox_flag = check_optional_flag("inference", inference)
-    flax_flag = check_optional_flag("use_running_average", use_running_average)
+    equinox_flag = _validate.check_optional_flag("inference", inference)
+    flax_flag = _validate.check_optional_flag("use_running_average", use_running_average)
     if equinox_flag is not None and flax_flag is not None and equinox_flag != flax_flag:
         raise fail("inference", "`inference` and `use_running_average` to agree (they are "
                    "aliases)", f"inference={equinox_flag}, use_running_average={flax_flag}",
@@ -411,7 +393,7 @@ def _merge_flags(inference: Any, use_running_average: Any, default: bool) -> boo
 def _field_flag(value: Any) -> bool:
     """The `inference` field, which a careless `tree_map` or `jit` can turn into an array."""
     try:
-        return check_flag("inference", value)
+        return _validate.check_flag("inference", value)
     except BatchNormError:
         raise fail("inference", "the layer's `inference` field to be a Python bool",
                    f"{type(value).__name__} of shape {np.shape(value)}",
