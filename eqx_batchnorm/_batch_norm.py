@@ -28,12 +28,11 @@ class BatchStats(eqx.Module):
 def _check_dtype(name: str, dtype: Any, allow_none: bool) -> Any:
     if dtype is None and allow_none:
         return None
-    try:
-        # `jnp.dtype(None)` is float64: None must not slip through as a dtype.
-        dt = None if dtype is None else jnp.dtype(dtype)
+    try:  # `jnp.dtype(None)` is float64: None must not slip through as a dtype.
+        floating = dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        floating = False
+    if not floating:
         raise fail(name, "a floating dtype" + (" or None" if allow_none else ""), repr(dtype),
                    f"pass e.g. `{name}=jnp.float32` or `{name}=jnp.bfloat16`")
     return dtype

@@ -1,8 +1,5 @@
-r"""The public functional core: `batch_statistics`, `normalize`, `update_running_average`.
-
-Each validates its arguments once, then calls the private kernels of `_moments.py` and
-`_normalize.py`, as `BatchNorm` does (with the configurations built here).
-"""
+"""The public functional core: each function validates its arguments once, then calls the
+kernels of `_moments.py` and `_normalize.py`, configured as `BatchNorm` configures them."""
 
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple

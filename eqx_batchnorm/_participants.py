@@ -87,11 +87,8 @@ class Participants:
         return index
 
     def sum(self, parts: tuple[Array, ...]) -> tuple[Array, ...]:
-        """Each part summed within every group: shapes `(G, *part.shape)`, one collective.
-
-        Over `vmap` names without groups, the parts go to `psum` as a tuple, which XLA
-        merges with the local reductions; across devices, stacked into one all-reduce.
-        """
+        """Each part summed within every group: shapes `(G, *part.shape)`, one collective
+        (over `vmap` names without groups, a tuple `psum`, which XLA fuses with the parts)."""
         if not self.names:
             return tuple(v[None] for v in parts)
         if self.count == 1:
@@ -113,11 +110,9 @@ class Participants:
         return gathered[None] if self.count == 1 else gathered[self.layout]
 
     def _all_gather(self, v: Array) -> Array:
-        """Every participant's `v` in axis-index order: shape `(size, *v.shape)`.
-
-        Consecutive mesh names take one invariant `all_gather` (typed as replicated);
-        `vmap` names one at a time, since JAX cannot mix them with mesh names in one.
-        """
+        """Every participant's `v` in axis-index order: shape `(size, *v.shape)`. Mesh names
+        take invariant gathers (typed as replicated); `vmap` names, which JAX cannot mix
+        with them, one at a time."""
         runs = [(on_mesh, list(run)) for on_mesh, run
                 in itertools.groupby(self.names, lambda name: name in self.mesh_names)]
         out = v
