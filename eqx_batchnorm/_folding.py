@@ -102,8 +102,7 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
     s = lax.rsqrt(running.var.astype(compute) + bn.epsilon)  # as `normalize` does
     if bn.scale is not None:
         s = s * bn.scale.astype(compute)
-    old_bias = (jnp.zeros((channels,), compute) if layer.bias is None
-                else layer.bias.reshape(channels).astype(compute))
+    old_bias = 0.0 if layer.bias is None else layer.bias.reshape(channels).astype(compute)
     new_bias = (old_bias - running.mean.astype(compute)) * s
     if bn.bias is not None:
         new_bias = new_bias + bn.bias.astype(compute)

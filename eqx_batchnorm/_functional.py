@@ -177,8 +177,7 @@ def normalize(
                                 {"x": x, "mean": mean, "var": var, "scale": scale,
                                  "bias": bias})
     shape = tuple(x.shape)
-    feature_axes = _validate.canonical_feature_axes(_validate.as_axis_tuple(axis), x.ndim,
-                                                    shape)
+    feature_axes = _validate.canonical_feature_axes(_validate.as_axis_tuple(axis), x.ndim, shape)
     features = tuple(shape[a] for a in feature_axes)
     if tuple(mean.shape) != features:
         raise fail("mean", f"the features' shape {features} of `x` (shape {shape}, "

@@ -1,9 +1,6 @@
-r"""Converters between `BatchNorm` and the batch norms of Flax, PyTorch and Equinox.
-
-Each reproduces the source's inference output exactly; the conventions they translate are
-tabled in `docs/beyond_flax.md`. Nothing here imports Flax or PyTorch: Flax variables are
-read as mappings, PyTorch tensors through their `.detach().cpu()` / `.numpy()` methods.
-"""
+"""Converters between `BatchNorm` and the batch norms of Flax, PyTorch and Equinox (their
+conventions: `docs/beyond_flax.md`). Nothing here imports Flax or PyTorch: Flax variables
+are read as mappings, PyTorch tensors through their `.detach().cpu().numpy()`."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -114,8 +111,7 @@ def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
         raise fail("bn", "an `eqx_batchnorm.BatchNorm`", type(bn).__name__,
                    "for an `eqx.nn.BatchNorm`, convert it first with `from_equinox`")
     running = _get_running(state, bn)
-    params = {name: value for name, value in (("scale", bn.scale), ("bias", bn.bias))
-              if value is not None}
+    params = {k: v for k, v in {"scale": bn.scale, "bias": bn.bias}.items() if v is not None}
     out: dict[str, dict[str, Array]] = {
         "batch_stats": {"mean": jnp.asarray(running.mean), "var": jnp.asarray(running.var)}}
     if params:
@@ -319,8 +315,7 @@ def from_equinox(eqx_bn: Any, state: Any,
             assert eqx_bn.ema_state_index is not None
             mean, var = state.get(eqx_bn.ema_state_index)
         else:
-            assert eqx_bn.batch_state_index is not None
-            assert eqx_bn.batch_counter is not None
+            assert eqx_bn.batch_state_index is not None and eqx_bn.batch_counter is not None
             hidden_mean, hidden_var = state.get(eqx_bn.batch_state_index)
             counter = state.get(eqx_bn.batch_counter)
             # Equinox's own expression, so the corrected values match it to the bit.

@@ -1,10 +1,8 @@
 """Who the statistics are taken with, and every collective that reaches them.
 
 `Participants` is the one seam for communication: the estimators in `_moments.py` only call
-its methods, so a new collective strategy is an edit of this file alone. Groups are emulated
-with collectives that exist under `vmap`, `pmap` and `shard_map` alike, and gathers are
-invariant, so that statistics are typed as replicated under `shard_map` (see
-`docs/distributed.md`).
+its methods. Groups are emulated with collectives that exist under `vmap`, `pmap` and
+`shard_map` alike (`docs/distributed.md`).
 """
 
 import itertools
@@ -147,12 +145,10 @@ def leading(x: Array, axis: int, k: int) -> Array:
     index = tuple(slice(0, k) if a == axis else slice(None) for a in range(x.ndim))
     if not sharded_along(x, (axis,)):
         return x[index]
-    sharding = jax.typeof(x).sharding
-    spec = full_spec(x)
-    out_spec = jax.sharding.PartitionSpec(*(None if a == axis else spec[a]
-                                            for a in range(x.ndim)))
+    out_spec = jax.sharding.PartitionSpec(
+        *(None if a == axis else s for a, s in enumerate(full_spec(x))))
     take = jax.sharding.auto_axes(lambda v: v[index],
-                                  out_sharding=sharding.update(spec=out_spec))
+                                  out_sharding=jax.typeof(x).sharding.update(spec=out_spec))
     return cast(Array, take(x))
 
 

@@ -180,17 +180,14 @@ def recompute_statistics(
     acc = []
     for _, bn in bns:
         running = _get_running(base, bn)
-        dtype = jnp.promote_types(running.mean.dtype, jnp.float32)
         base = base.set(bn.state_index, BatchStats(jnp.zeros_like(running.mean),
                                                    jnp.full_like(running.var, _SENTINEL)))
-        zeros = jnp.zeros(bn.feature_shape, dtype)
+        zeros = jnp.zeros(bn.feature_shape, jnp.promote_types(running.mean.dtype, jnp.float32))
         acc.append((zeros, zeros, zeros, jnp.array(True)))
     probe_model = jax.tree_util.tree_map(lambda n: _probe(n) if _is_bn(n) else n, model,
                                          is_leaf=_is_bn)
 
-    iterator: Iterable[Any] = batches
-    if max_batches is not None:
-        iterator = itertools.islice(iterator, max_batches)
+    iterator: Iterable[Any] = itertools.islice(batches, max_batches)  # None: no limit
     if progress:
         iterator = _with_progress(iterator, batches, max_batches)
     count = 0

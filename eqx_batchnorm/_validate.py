@@ -1,10 +1,6 @@
-"""The checks at the public boundary: arguments in, canonical values out.
-
-Each public entry point runs these once, then calls private kernels that trust their
-inputs. Every check runs on static information (shapes, dtypes, Python values, the names
-bound by the enclosing transforms), so errors surface at construction or trace time and
-jitted code pays nothing.
-"""
+"""The checks at the public boundary, run once before private kernels that trust their inputs:
+arguments in, canonical values out. They read only static information (shapes, dtypes, the
+names bound by enclosing transforms), so jitted code pays nothing for them."""
 
 import math
 from collections.abc import Hashable, Sequence
@@ -146,8 +142,7 @@ def check_axis_index_groups(groups: Any, axis_name: AxisName) -> tuple[tuple[int
                    f"axis_index_groups={groups!r} with axis_name=None",
                    "pass `axis_name=` for the named axis that the groups split "
                    "(e.g. the `jax.vmap`/`pmap`/`shard_map` axis)")
-    # Indices must be ints: `int(1.7)` would silently move a participant to another
-    # group, and `True` is not an index anyone means.
+    # Indices must be ints: `int(1.7)` would silently move a participant to another group.
     def is_seq(v: Any) -> bool:
         return isinstance(v, Sequence | np.ndarray) and not isinstance(v, str | bytes)
 
@@ -199,8 +194,7 @@ def check_call_bound(name: str, value: Any, low: float) -> Any:
     if value is None or isinstance(value, Tracer):
         return value
     v = check_scalar(name, value, low)
-    # A concrete array stays an array; a Python or NumPy number becomes the float the
-    # annotation asks for (so `renorm_r_max=3` is not refused for being an int).
+    # An array stays an array; a number becomes the float that the annotation asks for.
     return value if isinstance(value, jax.Array | np.ndarray) else v
 
 
@@ -278,8 +272,7 @@ def as_names(axis_name: AxisName) -> tuple[Hashable, ...]:
 
 def check_participants(names: tuple[Hashable, ...],
                        groups: tuple[tuple[int, ...], ...] | None) -> None:
-    """Every name is bound, the groups partition the axis, and JAX can reduce over the
-    names here."""
+    """Every name is bound, the groups partition the axis, and JAX can reduce over the names."""
     size = axis_size(names)
     covered = sum(len(g) for g in groups or ())
     if groups is not None and covered != size:
