@@ -102,7 +102,7 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
     # one layer (e.g. after a `tree_map`) share an entry, and must keep sharing it.
     by_marker: dict[Any, tuple[eqx.nn.BatchNorm, eqx.nn.StateIndex]] = {}
     converted: dict[Any, Any] = {}  # marker -> the converted statistics
-    removed: set[Any] = set()
+    auxiliary: set[Any] = set()  # the markers of the first-time flags and step counters
     for path, layer in layers:
         if id(layer) in by_object:
             continue
@@ -131,14 +131,13 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
                 index = eqx.nn.delete_init_state(index)
             by_marker[main.marker] = (layer, index)
         by_object[id(layer)] = eqx.tree_at(lambda b: b.state_index, bn, index)
-        removed.update((main.marker, aux.marker))
+        auxiliary.add(aux.marker)
 
     new_model = jtu.tree_unflatten(treedef, [by_object[id(leaf)] if _is_eqx_bn(leaf) else leaf
                                              for _, leaf in path_leaves])
 
-    # Without the layers' auxiliary entries (first-time flag, step counter).
     kept = {key: converted.get(key, value) for key, value in entries.items()
-            if key in converted or key not in removed}
+            if key not in auxiliary}
     return new_model, eqx.nn.State.tree_unflatten(tuple(kept), tuple(kept.values()))
 
 

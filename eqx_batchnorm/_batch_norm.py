@@ -186,8 +186,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         axes = _validate.as_axis_tuple(axis)
         sizes = _validate.check_num_features(num_features, axes)
-        order = _validate.feature_order(axes)
-        self.feature_shape = tuple(sizes[i] for i in order)
+        self.feature_shape = tuple(sizes[i] for i in _validate.feature_order(axes))
         self.axis = axes[0] if isinstance(axis, int | np.integer) else axes
         self.momentum = _validate.check_scalar("momentum", momentum, 0.0, 1.0)
         self.epsilon = _validate.check_scalar("epsilon", epsilon, 0.0, finite=True)

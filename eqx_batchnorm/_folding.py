@@ -107,9 +107,8 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
     if bn.bias is not None:
         new_bias = new_bias + bn.bias.astype(compute)
     new_weight = weight.astype(compute) * s.reshape((channels,) + (1,) * (weight.ndim - 1))
-    bias_shape = (channels,) + (1,) * (rank - 1)
-    return _replace(layer, weight=new_weight.astype(weight.dtype),
-                    bias=new_bias.reshape(bias_shape).astype(weight.dtype), use_bias=True)
+    return _replace(layer, weight=new_weight.astype(weight.dtype), use_bias=True,
+                    bias=new_bias.reshape((channels,) + (1,) * (rank - 1)).astype(weight.dtype))
 
 
 def fold_sequential(seq: Any, state: eqx.nn.State) -> eqx.nn.Sequential:
@@ -147,8 +146,7 @@ def fold_sequential(seq: Any, state: eqx.nn.State) -> eqx.nn.Sequential:
 
     **Raises:**
 
-    `BatchNormError` if `seq` is not an `eqx.nn.Sequential`, or a pair cannot be folded
-    (the `BatchNorm` does not normalise the layer's output channels).
+    `BatchNormError` if `seq` is not an `eqx.nn.Sequential`, or a pair cannot be folded.
     """
     if not isinstance(seq, eqx.nn.Sequential):
         raise fail("seq", "an eqx.nn.Sequential", type(seq).__name__,

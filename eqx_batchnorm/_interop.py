@@ -104,8 +104,7 @@ def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
 
     **Raises:**
 
-    `BatchNormError` if `bn` is not a `BatchNorm` or `state` does not hold its
-    statistics.
+    `BatchNormError` if `bn` is not a `BatchNorm` or `state` does not hold its statistics.
     """
     if not isinstance(bn, BatchNorm):
         raise fail("bn", "an `eqx_batchnorm.BatchNorm`", type(bn).__name__,

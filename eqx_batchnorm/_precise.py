@@ -40,21 +40,18 @@ def _probe(bn: BatchNorm) -> BatchNorm:
 
 
 def _clone(state: eqx.nn.State) -> eqx.nn.State:
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _default_call(model: Any, batch: Any, state: eqx.nn.State) -> Any:
-    return model(batch, state)
+    return jax.tree_util.tree_map(lambda a: a, state)
 
 
 @dataclass(frozen=True)
-class _VmapCall:
-    """`call` for per-example models; a frozen dataclass so that jit caches it by value."""
+class _DefaultCall:
+    """The default `call`; a frozen dataclass so that jit caches it by value."""
 
-    axis_name: Hashable
+    axis_name: Hashable | None
 
     def __call__(self, model: Any, batch: Any, state: eqx.nn.State) -> Any:
+        if self.axis_name is None:
+            return model(batch, state)
         return jax.vmap(model, axis_name=self.axis_name, in_axes=(0, None),
                         out_axes=(0, None))(batch, state)
 
@@ -169,7 +166,7 @@ def recompute_statistics(
         raise fail("max_batches", "a positive int or None", repr(max_batches),
                    "pass e.g. `max_batches=200`")
     if call is None:
-        call = _default_call if axis_name is None else _VmapCall(axis_name)
+        call = _DefaultCall(axis_name)
     bns = _batch_norms(model)
     if not bns:
         raise fail("model", "a model holding at least one eqx_batchnorm.BatchNorm",
