@@ -1,9 +1,6 @@
 """`flax.linen.BatchNorm`'s semantics in Equinox's explicit-state style.
 
-The module `BatchNorm` (state: `BatchStats`); the functional core `batch_statistics`
-(returning `BatchStatistics`), `normalize`, `update_running_average`; `recompute_statistics`
-(precise BN), `fold_into`, `fold_sequential`; the converters `from_flax`, `to_flax`,
-`from_nnx`, `to_nnx`, `from_torch`, `from_equinox`, `from_equinox_model`; `BatchNormError`.
+Every public name is imported below; `docs/api.md` documents them.
 """
 
 from ._adoption import from_equinox_model as from_equinox_model

@@ -117,9 +117,8 @@ def from_equinox_model(model: Any, state: eqx.nn.State) -> tuple[Any, eqx.nn.Sta
         if (first.input_size, first.mode) != (layer.input_size, layer.mode):
             raise fail("model", "layers sharing a state entry to have one shape and mode",
                        f"the eqx.nn.BatchNorm at {where} ({layer.input_size} features, "
-                       f"mode={layer.mode!r}) sharing with one of {first.input_size} "
-                       f"features, mode={first.mode!r}",
-                       "give each layer its own `eqx.nn.StateIndex`")
+                       f"mode={layer.mode!r}) sharing with one of {first.input_size} features, "
+                       f"mode={first.mode!r}", "give each layer its own `eqx.nn.StateIndex`")
         bn, bn_state = from_equinox(layer, state)
         if index is None:
             stats = bn_state.get(bn.state_index)
@@ -208,8 +207,7 @@ def from_nnx(nnx_batch_norm: Any, **overrides: Any) -> tuple[BatchNorm, eqx.nn.S
             nnx_dtypes.promote_dtype):
         raise fail("nnx_batch_norm", "a layer with NNX's default `promote_dtype`",
                    f"promote_dtype={layer.promote_dtype!r}",
-                   "convert a layer built without `promote_dtype=`, and cast the input "
-                   "yourself")
+                   "convert a layer built without `promote_dtype=`, and cast the input yourself")
     params = {name: jnp.asarray(var[...]) for name in ("scale", "bias")
               if (var := getattr(layer, name, None)) is not None}
     variables = {"params": params,

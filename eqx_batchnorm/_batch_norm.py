@@ -288,8 +288,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise fail("renorm_r_max" if r_max is not None else "renorm_d_max",
                        "no per-call renorm bound on a layer built with `renorm=False`",
                        f"renorm_r_max={r_max}, renorm_d_max={d_max}",
-                       "construct the layer with `BatchNorm(..., renorm=True)`, or drop "
-                       "the bound")
+                       "construct the layer with `BatchNorm(..., renorm=True)`, or drop the bound")
         names = _validate.as_names(self.axis_name)
         moments = None
         if not use_running or update:
@@ -411,9 +410,8 @@ def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
     except ValueError as e:  # Equinox invalidates a state once `.set` has been called on it
         raise fail("state", "the latest state (each `eqx.nn.State` can be used once)",
                    "a state already consumed by an earlier call",
-                   "pass the state returned by the previous call; to reuse one on "
-                   "purpose, copy it first: `jax.tree_util.tree_map(lambda a: a, state)`"
-                   ) from e
+                   "pass the state returned by the previous call; to reuse one on purpose, copy "
+                   "it first: `jax.tree_util.tree_map(lambda a: a, state)`") from e
     # Canonical: without x64, a float64 `param_dtype` gives float32 statistics.
     stat_dtype = jax.dtypes.canonicalize_dtype(
         jnp.float32 if bn.force_float32_reductions else bn.param_dtype)

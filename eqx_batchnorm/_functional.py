@@ -20,9 +20,8 @@ class BatchStatistics(NamedTuple):
 
     - `mean`, `var`: the statistics that normalise this participant's `x` (its group's,
       with `axis_index_groups`).
-    - `axis_mean`, `axis_var`: the average of the group statistics over the whole named
-      axis: what the running statistics are updated with. Equal to `mean`, `var` without
-      groups.
+    - `axis_mean`, `axis_var`: the groups' average over the named axis, which updates the
+      running statistics (equal to `mean`, `var` without groups).
     """
 
     mean: Array

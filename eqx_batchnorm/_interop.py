@@ -175,9 +175,8 @@ def from_flax(variables: Any, **kwargs: Any) -> tuple[BatchNorm, eqx.nn.State]:
     mean, var = (_to_jax(k, stats[k]) for k in ("mean", "var"))
     scale, bias = (_to_jax(k, params[k]) if k in params else None for k in ("scale", "bias"))
     if "axis" not in kwargs and mean.ndim > 1:
-        raise fail("axis", f"{mean.ndim} feature axes (the statistics have shape "
-                   f"{mean.shape})", "the default `axis=-1`",
-                   "pass the `axis=` tuple given to flax.linen.BatchNorm")
+        raise fail("axis", f"{mean.ndim} feature axes (the statistics have shape {mean.shape})",
+                   "the default `axis=-1`", "pass the `axis=` tuple given to flax.linen.BatchNorm")
     return _build(scale, bias, mean, var, "the Flax variables", kwargs)
 
 
@@ -246,10 +245,9 @@ def from_torch(
     if "running_mean" not in entries or "running_var" not in entries:
         raise fail("state_dict", f"'{prefix}running_mean' and '{prefix}running_var'",
                    f"keys {sorted(entries)[:6]}",
-                   "a layer built with `track_running_stats=False` has no running "
-                   "statistics and always normalises with the batch's: build "
-                   "`ebn.BatchNorm` and call it with `inference=False, "
-                   "update_stats=False`; otherwise check `prefix=`")
+                   "a layer built with `track_running_stats=False` has no running statistics and "
+                   "always normalises with the batch's: build `ebn.BatchNorm` and call it with "
+                   "`inference=False, update_stats=False`; otherwise check `prefix=`")
     if ("weight" in entries) != ("bias" in entries):
         raise fail("state_dict", "both 'weight' and 'bias' (affine=True) or neither",
                    f"keys {sorted(entries)}", "pass the whole state_dict of the layer")

@@ -65,8 +65,7 @@ def _accumulate(probe_model: Any, base_state: eqx.nn.State, batch: Any, acc: lis
     if not isinstance(new_state, eqx.nn.State):
         raise fail("call", "a function returning `(output, state)`",
                    f"a function returning {type(out).__name__}",
-                   "return the state as the last element, e.g. "
-                   "`call=lambda m, x, s: m(x, s)`")
+                   "return the state as the last element, e.g. `call=lambda m, x, s: m(x, s)`")
     new_acc = []
     for (_, bn), (mean_avg, m2, var_avg, updated) in zip(_batch_norms(probe_model), acc,
                                                           strict=True):
@@ -199,8 +198,7 @@ def recompute_statistics(
         raise fail("model", "every BatchNorm called in training mode on every batch",
                    f"{missing} left without statistics",
                    "make `call` run the model as in training; a layer called with "
-                   "`inference=True` or `update_stats=False`, or not at all, cannot be "
-                   "recomputed")
+                   "`inference=True` or `update_stats=False`, or not at all, cannot be recomputed")
     result = _clone(state)
     for (_, bn), (mean, m2, var, _) in zip(bns, acc, strict=True):
         if estimator == "population":

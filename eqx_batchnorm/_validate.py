@@ -122,15 +122,13 @@ def check_mask(mask: Any, shape: tuple[int, ...]) -> None:
         return
     check_array("mask", mask, "boolean")
     if mask.dtype != jnp.bool_:
-        raise fail("mask", "a boolean array (True where an element counts)",
-                   f"dtype {mask.dtype}", "pass e.g. `mask=(x != pad_value)` or "
-                   "`mask=m.astype(bool)`")
+        raise fail("mask", "a boolean array (True where an element counts)", f"dtype {mask.dtype}",
+                   "pass e.g. `mask=(x != pad_value)` or `mask=m.astype(bool)`")
     mshape = tuple(np.shape(mask))
     if len(mshape) > len(shape) or not all(
             m in (1, s) for m, s in zip(mshape[::-1], shape[::-1], strict=False)):
-        raise fail("mask", f"a shape broadcastable to x's shape {shape}",
-                   f"shape {mshape}", "give the mask x's shape, or size 1 on the axes "
-                   "it does not vary along")
+        raise fail("mask", f"a shape broadcastable to x's shape {shape}", f"shape {mshape}",
+                   "give the mask x's shape, or size 1 on the axes it does not vary along")
 
 
 def check_axis_index_groups(groups: Any, axis_name: AxisName) -> tuple[tuple[int, ...], ...] | None:
@@ -284,15 +282,14 @@ def check_participants(names: tuple[Hashable, ...],
     if vmapped and manual and _tracks_replication(next(iter(manual))):
         # JAX 0.10's replication checker fails on any collective over a `vmap` name
         # inside `shard_map` (an internal AssertionError); say what to do instead.
-        raise fail(
-            "axis_name", "`vmap` names to be reduced over only outside `jax.shard_map`, "
-            "or inside one built with `check_vma=False`",
-            f"the `vmap` name(s) {tuple(vmapped)!r} inside a `jax.shard_map` over "
-            f"{tuple(sorted(map(str, manual)))!r} with `check_vma=True`",
-            "build the shard_map with `jax.shard_map(..., check_vma=False)` (JAX cannot "
-            "check replication across `vmap` names), or use the batched style inside "
-            "shard_map: `BatchNorm(..., axis_name=<mesh axis>)` on the local batch",
-        )
+        raise fail("axis_name",
+                   "`vmap` names to be reduced over only outside `jax.shard_map`, or inside one "
+                   "built with `check_vma=False`",
+                   f"the `vmap` name(s) {tuple(vmapped)!r} inside a `jax.shard_map` over "
+                   f"{tuple(sorted(map(str, manual)))!r} with `check_vma=True`",
+                   "build the shard_map with `jax.shard_map(..., check_vma=False)` (JAX cannot "
+                   "check replication across `vmap` names), or use the batched style inside "
+                   "shard_map: `BatchNorm(..., axis_name=<mesh axis>)` on the local batch")
 
 
 def _tracks_replication(mesh_name: Hashable) -> bool:
@@ -362,14 +359,13 @@ def check_state_on_mesh(x: Any, running: Any) -> None:
     mesh cannot take (`eqx.nn.State.set` compares shardings)."""
     mesh = explicit_mesh(x)
     if mesh is not None and jax.typeof(running).sharding.mesh.empty:
-        raise fail(
-            "state", "running statistics placed on the mesh of the batch "
-            f"({dict(mesh.shape)}), since the batch is sharded over it",
-            "a state on no mesh (e.g. fresh from `eqx.nn.make_with_state`)",
-            "replicate model and state on the mesh inside the jitted step: `model, state "
-            "= eqx.filter_shard((model, state), NamedSharding(mesh, P()))`, or "
-            "`jax.device_put` them with that sharding beforehand",
-        )
+        raise fail("state",
+                   f"running statistics placed on the mesh of the batch ({dict(mesh.shape)}), "
+                   "since the batch is sharded over it",
+                   "a state on no mesh (e.g. fresh from `eqx.nn.make_with_state`)",
+                   "replicate model and state on the mesh inside the jitted step: `model, state = "
+                   "eqx.filter_shard((model, state), NamedSharding(mesh, P()))`, or "
+                   "`jax.device_put` them with that sharding beforehand")
 
 
 def describe(value: Any) -> str:
@@ -388,7 +384,6 @@ def check_annotations(function: str, hints: dict[str, Any], values: dict[str, An
             hint = hints[name]
             if value is not None and not is_bearable(value, hint):
                 expected = getattr(hint, "__name__", None) or repr(hint)
-                raise fail(name, expected.replace("jaxlib._jax.Array", "Array"),
-                           describe(value),
-                           f"see the annotations of `{function}`: arguments annotated "
-                           "with the same dimension names must agree in shape")
+                raise fail(name, expected.replace("jaxlib._jax.Array", "Array"), describe(value),
+                           f"see the annotations of `{function}`: arguments annotated with the "
+                           "same dimension names must agree in shape")
