@@ -117,15 +117,6 @@ def batch_statistics(
     return BatchStatistics(*_moments_jit(x, mask, cfg))
 
 
-_NORMALIZE_HINTS = {
-    "x": Shaped[Array | np.ndarray, "*shape"],
-    "mean": Float[Array | np.ndarray, "*features"],
-    "var": Float[Array | np.ndarray, "*features"],
-    "scale": Float[Array | np.ndarray, "*features"],
-    "bias": Float[Array | np.ndarray, "*features"],
-}
-
-
 def normalize(
     x: Shaped[Array | np.ndarray, "*shape"],
     mean: Float[Array | np.ndarray, "*features"],
@@ -172,7 +163,7 @@ def normalize(
     whose shape is not the features' shape.
     """
     _validate.check_float_input(x)
-    _validate.check_annotations("normalize", _NORMALIZE_HINTS,
+    _validate.check_annotations("normalize", normalize.__annotations__,
                                 {"x": x, "mean": mean, "var": var, "scale": scale,
                                  "bias": bias})
     shape = tuple(x.shape)
