@@ -1,6 +1,5 @@
-r"""Adoption in one call: a whole Equinox model (`from_equinox_model`), and Flax's NNX
-`BatchNorm` (`from_nnx`, `to_nnx`; Flax stays optional, imported inside them).
-"""
+"""Adoption in one call: a whole Equinox model (`from_equinox_model`), and Flax's NNX
+`BatchNorm` (`from_nnx`, `to_nnx`; Flax stays optional, imported inside them)."""
 
 from typing import Any
 

@@ -1,7 +1,6 @@
 """The one place that looks at the backend: the kernels have a form for XLA:CPU and one for
 GPUs and TPUs (`docs/benchmarks.md`), chosen here once per call and passed as static
-configuration, so that a trace made for one platform is never reused for the other.
-"""
+configuration, so that a trace made for one platform is never reused for the other."""
 
 import jax
 

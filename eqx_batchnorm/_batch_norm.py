@@ -241,10 +241,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
           call (giving both with different values is an error).
         - `mask`: boolean, broadcastable to `x`; statistics over `True` positions only.
         - `update_stats`: whether to update the running statistics (default: when not in
-          inference), whichever statistics normalise: `inference=False,
-          update_stats=False` normalises with batch statistics and leaves the state
-          alone; `inference=True, update_stats=True` normalises with the running
-          statistics (before this update) while accumulating the batch's.
+          inference), whichever statistics normalise: e.g. `inference=True,
+          update_stats=True` normalises with the running statistics (before this update)
+          while accumulating the batch's.
         - `renorm_r_max`, `renorm_d_max`: per-call clipping bounds for batch
           renormalisation (may be traced, for warm-up schedules).
 
