@@ -120,7 +120,9 @@ def _normalize_jvp(cfg: Config, primals, tangents):
     # v: the coefficient of (x - mean); c: the constant, per feature.
     v = _plus(None if dscale is None else dscale * inv,
               None if dvar is None else -0.5 * (mul * (inv * inv)) * dvar)
-    c = _plus(dbias, None if dmean is None else -mul * dmean)
+    c = dbias
+    if dmean is not None:
+        c = -mul * dmean if c is None else c - mul * dmean
     if dx is None and v is None and c is None:
         return y, jnp.zeros_like(y)
     dy = _tangent_fn(cfg, dtype)(x, mean, mul, v, c, dx)
