@@ -198,6 +198,6 @@ def test_converted_layers_assemble_into_a_model():
 
 
 def test_every_converter_refuses_num_features():
-    eqx_bn, eqx_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch")
+    eqx_bn, eqx_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="ema")
     with pytest.raises(ebn.BatchNormError, match=r"`num_features`.*drop `num_features=`"):
         ebn.from_equinox(eqx_bn, eqx_state, num_features=3)
