@@ -215,7 +215,7 @@ def update_running_average(
     `BatchNormError` for arrays of different shapes, non-floating arrays, or a concrete
     `momentum` outside $[0, 1]$.
     """
-    if isinstance(momentum, int | np.integer) and not isinstance(momentum, bool):
+    if _validate.is_int(momentum):
         momentum = float(momentum)
     _validate.check_annotations("update_running_average", update_running_average.__annotations__,
                                 {"running": running, "batch": batch, "momentum": momentum})

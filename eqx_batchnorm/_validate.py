@@ -20,7 +20,7 @@ from ._participants import axis_size, explicit_mesh, full_spec, manual_axes
 AxisName = Hashable | tuple[Hashable, ...] | None
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """An int, but not a bool: `True` is no axis, size or index anyone means."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
@@ -28,7 +28,7 @@ def _is_int(value: Any) -> bool:
 def as_axis_tuple(axis: Any) -> tuple[int, ...]:
     """`axis` as a non-empty tuple of ints, refusing repeats visible before the rank is known."""
     items = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else (axis,)
-    if not items or not all(_is_int(a) for a in items):
+    if not items or not all(is_int(a) for a in items):
         raise fail("axis", "an int or a non-empty tuple of ints naming the feature axes",
                    repr(axis), "pass e.g. `axis=-1` (channels last) or `axis=0` (channels "
                    "first, per example)")
@@ -78,7 +78,7 @@ def canonical_feature_axes(axes: tuple[int, ...], ndim: int,
 def check_num_features(num_features: Any, axes: tuple[int, ...]) -> tuple[int, ...]:
     """`num_features` as a tuple aligned with `axes`, every size positive."""
     items = tuple(num_features) if isinstance(num_features, Sequence) else (num_features,)
-    if not items or not all(_is_int(n) for n in items):
+    if not items or not all(is_int(n) for n in items):
         raise fail("num_features", "a positive int, or a tuple of positive ints (one per "
                    "feature axis)", repr(num_features), "pass the channel count, e.g. "
                    "`BatchNorm(64)`")
@@ -144,7 +144,7 @@ def check_axis_index_groups(groups: Any, axis_name: AxisName) -> tuple[tuple[int
     def is_seq(v: Any) -> bool:
         return isinstance(v, Sequence | np.ndarray) and not isinstance(v, str | bytes)
 
-    if not is_seq(groups) or not all(is_seq(g) and all(_is_int(i) for i in g) for g in groups):
+    if not is_seq(groups) or not all(is_seq(g) and all(is_int(i) for i in g) for g in groups):
         raise fail("axis_index_groups", "a sequence of sequences of ints",
                    repr(groups), "pass e.g. `[[0, 1], [2, 3]]`")
     out = tuple(tuple(int(i) for i in g) for g in groups)
