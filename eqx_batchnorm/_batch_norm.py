@@ -118,8 +118,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
     param_dtype: Any = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
     use_scale: bool = eqx.field(static=True)
-    bias_init: Initializer = eqx.field(static=True)
-    scale_init: Initializer = eqx.field(static=True)
     axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
     axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
     use_fast_variance: bool = eqx.field(static=True)
@@ -194,9 +192,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.param_dtype = _check_dtype("param_dtype", param_dtype, allow_none=False)
         self.use_bias = _validate.check_flag("use_bias", use_bias)
         self.use_scale = _validate.check_flag("use_scale", use_scale)
+        # Used here and not kept: two layers built alike are then one pytree structure,
+        # whichever initialiser objects built them.
         _validate.check_callable("bias_init", bias_init)
         _validate.check_callable("scale_init", scale_init)
-        self.bias_init, self.scale_init = bias_init, scale_init
         self.axis_name = _validate.check_axis_name(axis_name)
         self.axis_index_groups = _validate.check_axis_index_groups(axis_index_groups,
                                                                    self.axis_name)
@@ -215,7 +214,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                                   param_dtype) if use_scale else None)
         self.bias = (_init_param("bias_init", bias_init, bkey, self.feature_shape,
                                  param_dtype) if use_bias else None)
-        stat_dtype = jnp.float32 if self.force_float32_reductions else param_dtype
+        stat_dtype = running_dtype(self)
         self.state_index = eqx.nn.StateIndex(BatchStats(
             jnp.zeros(self.feature_shape, stat_dtype), jnp.ones(self.feature_shape, stat_dtype)))
 
@@ -295,7 +294,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                                      self.use_fast_variance, self.dtype,
                                      self.force_float32_reductions)
         if update:
-            _validate.check_running_stays_unmapped(x, running.mean, names)
+            _validate.warn_per_index_statistics(x, running.mean, names)
             _validate.check_state_on_mesh(x, running.mean)
         renorm = self.renorm and not use_running
         plan = _Plan(
@@ -375,6 +374,16 @@ def _renorm_affine(epsilon, mean, var, mean_r, var_r, scale, bias, r_max, d_max)
     return gamma * r, gamma * d + beta
 
 
+def running_dtype(bn: BatchNorm) -> Any:
+    """The dtype of the running statistics: `param_dtype`, at least float32 when forcing
+    float32 reductions (Flax's "at least": float64 stays float64 under x64). Canonical:
+    without x64, float64 gives float32."""
+    dtype = bn.param_dtype
+    if bn.force_float32_reductions:
+        dtype = jnp.promote_types(dtype, jnp.float32)
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 def _merge_flags(inference: Any, use_running_average: Any, default: bool) -> bool:
     """`inference` and its Flax alias `use_running_average`, each checked, as one flag."""
     equinox_flag = _validate.check_optional_flag("inference", inference)
@@ -411,9 +420,7 @@ def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
                    "a state already consumed by an earlier call",
                    "pass the state returned by the previous call; to reuse one on purpose, copy "
                    "it first: `jax.tree_util.tree_map(lambda a: a, state)`") from e
-    # Canonical: without x64, a float64 `param_dtype` gives float32 statistics.
-    stat_dtype = jax.dtypes.canonicalize_dtype(
-        jnp.float32 if bn.force_float32_reductions else bn.param_dtype)
+    stat_dtype = running_dtype(bn)
     fits = isinstance(running, BatchStats) and all(
         tuple(np.shape(v)) == bn.feature_shape and jnp.result_type(v) == stat_dtype
         for v in (running.mean, running.var))

@@ -13,9 +13,10 @@ positions $\mathcal{M}$ of every participant of a group. `estimator` picks, in o
   first mean (under `lax.cond`) only where $\mu^2 > 3\sigma^2$ for some feature.
 
 The one-pass sums accumulate in at least float32 (half precision would round away the
-spread). **Gradients:** a hand-written JVP, $\dot\mu = \frac1N\sum\dot x$,
+spread). **Gradients:** hand-written, $\dot\mu = \frac1N\sum\dot x$,
 $\dot{\sigma^2} = \frac2N\sum (x-\mu)\dot x$, one (grouped) `psum`, rematerialised so
-that reverse mode keeps `x` as the residual.
+that reverse mode keeps `x` as the residual; the custom rules are local, so they hold
+wherever and whenever JAX traces them (see `moments`).
 """
 
 import functools
@@ -29,7 +30,7 @@ from jax import lax
 from jaxtyping import Array
 
 from . import _backend
-from ._participants import Participants, leading, sharded_along
+from ._participants import Participants, leading, place, sharded_along
 
 # The plain sums are trusted while E[x^2] <= 4 var, i.e. mean^2 <= 3 var: the subtraction
 # E[x^2] - E[x]^2 then loses at most two bits.
@@ -114,7 +115,9 @@ def _shift(xc: Array, m: Array | None, red: tuple[int, ...]) -> Array:
     """Per feature, the mean of the valid values among the first few samples; where
     there are none, the first valid value along the reduced axes (0 if none)."""
     inner = math.prod(xc.shape[a] for a in red[1:])
-    k = min(xc.shape[red[0]], -(-_SHIFT_SAMPLES // max(inner, 1)))
+    # `jax.core`'s min and max also take symbolic sizes (`jax.export`), where `min` and
+    # `max` would compare them with a constant.
+    k = jax.core.min_dim(xc.shape[red[0]], -(-_SHIFT_SAMPLES // jax.core.max_dim(inner, 1)))
     head = leading(xc, red[0], k)
     if m is None:
         return head.mean(red)
@@ -260,40 +263,89 @@ def _outputs(gm: _Moments, p: Participants, dtype: Any) -> tuple[Array, ...]:
     return tuple(o.astype(dtype) for o in outs)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def moments(x: Array, mask: Array | None, cfg: Config) -> tuple[Array, ...]:
-    """`(mean, var, axis_mean, axis_var)` of `x` over `cfg.reduction_axes` and the named
-    axes: this participant's group's statistics, and their average over the groups."""
-    gm, p = _group_moments(x, mask, cfg)
-    return _outputs(gm, p, cfg.dtype)
+    r"""`(mean, var, axis_mean, axis_var)` of `x` over `cfg.reduction_axes` and the named
+    axes: this participant's group's statistics, and their average over the groups.
+
+    The estimator computes the values (no gradient flows through it); the derivatives
+    come from terms that are zero in value and carry the tangents
+    $\dot\mu = \frac1N\sum\dot x$ and $\dot{\sigma^2} = \frac2N\sum (x-\mu)\dot x$. Their
+    custom rules are local (no collective), and their sums across participants are
+    ordinary `psum`s, bound here where the names are: JAX may trace a custom rule
+    later, outside the `vmap` that binds the names (e.g. when it differentiates a
+    `lax.scan`), and the rule then needs none. The terms arrive in their group's row
+    already (`place`), so that in value they are zero on every participant alike, and
+    XLA drops their collectives from programs that do not differentiate."""
+    p = Participants(cfg.names, cfg.groups)
+    gm = _ESTIMATORS[cfg.estimator](lax.stop_gradient(x), mask, p, cfg)
+    mean, var, axis_mean, axis_var = _outputs(gm, p, cfg.dtype)
+    count = gm.count.astype(cfg.dtype)
+    mean_carrier, carrier = _carriers(cfg)
+    # The centre of `(x - mean) dx`, moving with `x`, as second derivatives need. First
+    # derivatives ignore its tangent (the deviations sum to zero), and XLA drops it.
+    (moving,) = p.sum_rows((mean_carrier(x, mask, p.onehot),))
+    t1, t2 = p.sum_rows(carrier(x, mask, mean + p.select(moving / count), p.onehot))
+    dmean, dvar = t1 / count, 2 * t2 / count  # (G, *F), zero in value
+    return (mean + p.select(dmean), var + p.select(dvar), axis_mean + dmean.mean(0),
+            axis_var + dvar.mean(0))
 
 
 @functools.cache
-def _local_tangents(cfg: Config):
-    """The local sums of the tangent, rematerialised: reverse mode keeps `x` (not a copy
-    of `x - mean`) and recomputes `x - mean` inside the backward pass's fusion."""
+def _carriers(cfg: Config):
+    r"""Functions of value zero whose JVPs are this participant's local sums of the
+    tangent over the valid positions, in its group's row (`place`): `mean_carrier`
+    $\sum \dot x$, `carrier` $(\sum \dot x, \sum (x - \mu)\,\dot x)$. The sums are
+    rematerialised: reverse mode keeps `x` (not a copy of `x - mean`) and recomputes
+    `x - mean` inside the backward pass's fusion. Built once per configuration, so that
+    JAX's caches recognise them."""
     # In the statistics dtype (the tangents' own), as Flax's autodiff computes them.
     red, dtype = cfg.reduction_axes, cfg.dtype
 
-    def tangents(x: Array, mask: Array | None, mean: Array, dx: Array):
+    def zeros(x: Array, mask: Array | None, onehot: Array, mean: Array | None = None):
+        # Zero, but computed from every input: under `vmap`, JAX may batch a rule traced
+        # later (e.g. under `lax.scan`) assuming that the value is batched wherever the
+        # tangent is. XLA folds the never-taken select away.
+        pick = _first(x, red).astype(dtype)
+        never = jnp.zeros(pick.shape, bool) & onehot.reshape((-1,) + (1,) * pick.ndim)
+        if mask is not None:
+            never = never & _first(_broadcast(mask, x), red)
+        if mean is not None:
+            pick = pick + mean
+        return jnp.where(never, pick[None], jnp.zeros((), dtype))
+
+    def summed(x: Array, mask: Array | None, onehot: Array, dx: Array) -> Array:
+        return place(_valid(dx.astype(dtype), _broadcast(mask, x)).sum(red), onehot)
+
+    def both(x: Array, mask: Array | None, mean: Array, onehot: Array,
+             dx: Array) -> tuple[Array, Array]:
         dxc = _valid(dx.astype(dtype), _broadcast(mask, x))
         centred = x.astype(dtype) - _expand(mean, red)
         # Two arrays, not stacked: their cotangents then reach the backward's elementwise
         # fusion as two vectors, not as slices of a padded block.
-        return dxc.sum(red), (centred * dxc).sum(red)
+        return place(dxc.sum(red), onehot), place((centred * dxc).sum(red), onehot)
 
-    return jax.checkpoint(tangents, prevent_cse=False)
+    summed_r = jax.checkpoint(summed, prevent_cse=False)
+    both_r = jax.checkpoint(both, prevent_cse=False)
 
+    @jax.custom_jvp
+    def mean_carrier(x, mask, onehot):
+        return zeros(x, mask, onehot)
 
-@moments.defjvp
-def _moments_jvp(cfg: Config, primals, tangents):
-    x, mask = primals
-    dx = tangents[0]
-    gm, p = _group_moments(x, mask, cfg)
-    out = _outputs(gm, p, cfg.dtype)
-    t1, t2 = p.sum(_local_tangents(cfg)(x, mask, out[0], dx))
-    count = gm.count.astype(cfg.dtype)
-    dmean = t1 / count
-    dvar = 2 * t2 / count
-    tangent_out = (p.select(dmean), p.select(dvar), dmean.mean(0), dvar.mean(0))
-    return out, tuple(t.astype(cfg.dtype) for t in tangent_out)
+    @mean_carrier.defjvp
+    def _(primals, tangents):
+        x, mask, onehot = primals
+        # The value through the function itself, so that a second derivative taken
+        # through this rule still sees the carried tangent.
+        return mean_carrier(x, mask, onehot), summed_r(x, mask, onehot, tangents[0])
+
+    @jax.custom_jvp
+    def carrier(x, mask, mean, onehot):
+        zero = zeros(x, mask, onehot, mean)
+        return zero, zero
+
+    @carrier.defjvp
+    def _(primals, tangents):
+        x, mask, mean, onehot = primals
+        return carrier(x, mask, mean, onehot), both_r(x, mask, mean, onehot, tangents[0])
+
+    return mean_carrier, carrier

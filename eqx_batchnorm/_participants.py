@@ -38,10 +38,7 @@ def unbound_axis_name(name: Hashable) -> BatchNormError:
          if bound else "") +
         f"call the layer under `jax.vmap(bn, axis_name={name!r}, in_axes=(0, None), "
         f"out_axes=(0, None))(xs, state)` (or pmap/shard_map with that axis name), or "
-        "construct it with `axis_name=None` for a batched `x`. If it already runs under "
-        "that `vmap`: JAX 0.10 loses `vmap`'s names when differentiating a `jax.jit` that "
-        "contains the `vmap` (e.g. `jax.grad(jax.jit(jax.vmap(...)))`); put the `jit` "
-        "outside the differentiation instead: `jax.jit(jax.grad(...))`")
+        "construct it with `axis_name=None` for a batched `x`")
 
 
 def axis_size(names: tuple[Hashable, ...]) -> int:
@@ -65,7 +62,6 @@ class Participants:
         self.names = names
         self.mesh_names = manual_axes() & frozenset(names)
         self.on_devices = bool(self.mesh_names)
-        # Checked again: JAX traces a JVP rule lazily, possibly outside the vmap.
         size = axis_size(names)
         layout = (tuple(range(size)),) if groups is None else groups
         self.layout = np.asarray(layout, dtype=np.int32)  # (G, members)
@@ -99,6 +95,16 @@ class Participants:
         block = jnp.where(slot, stacked[None], jnp.zeros_like(stacked)[None])
         summed = lax.psum(block, self.names)
         return tuple(summed[:, i] for i in range(len(parts)))
+
+    def sum_rows(self, rows: tuple[Array, ...]) -> tuple[Array, ...]:
+        """`sum` of parts already placed in their group's row (`(G, ...)`, zero in the
+        other rows; see `place`), in one collective."""
+        if not self.names:
+            return rows
+        if self.on_devices and len(rows) > 1:
+            summed = lax.psum(jnp.stack(rows), self.names)
+            return tuple(summed[i] for i in range(len(rows)))
+        return tuple(lax.psum(rows, self.names))
 
     def by_group(self, v: Array) -> Array:
         """Every participant's `v`, arranged by group: shape `(G, members, *v.shape)`."""
@@ -137,6 +143,15 @@ class Participants:
             return values[:, 0]
         pick = jnp.argmax(counts > 0, axis=1)[:, None]
         return jnp.take_along_axis(values, pick, axis=1)[:, 0]
+
+
+def place(v: Array, onehot: Array) -> Array:
+    """`v` in the row of its group, zeros in the others: shape `(G, *v.shape)`, from a
+    participant's `onehot` (`Participants.onehot`, shape `(G,)`)."""
+    if onehot.shape[0] == 1:
+        return v[None]
+    slot = onehot.reshape((-1,) + (1,) * v.ndim)
+    return jnp.where(slot, v[None], jnp.zeros((), v.dtype))
 
 
 def leading(x: Array, axis: int, k: int) -> Array:

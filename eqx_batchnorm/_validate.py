@@ -3,9 +3,13 @@ arguments in, canonical values out. They read only static information (shapes, d
 names bound by enclosing transforms), so jitted code pays nothing for them."""
 
 import math
+import sys
+import warnings
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,26 +336,49 @@ def check_vmap_batch_unsharded(x: Any, names: tuple[Hashable, ...]) -> None:
             "global), or `jax.shard_map` with `BatchNorm(..., axis_name=<mesh axis>)`")
 
 
-def check_running_stays_unmapped(x: Any, running: Any, names: tuple[Hashable, ...]) -> None:
-    """Refuses a training call under a `jax.vmap` that maps `x` but not the state: its
-    per-example statistics would reach JAX as a confusing `out_axes` error."""
+PER_INDEX_WARNING = "BatchNorm: running statistics per mapped index"
+
+
+def warn_per_index_statistics(x: Any, running: Any, names: tuple[Hashable, ...]) -> None:
+    """Warns of a training call whose statistics are taken across none of the `vmap`s that
+    map `x`, while one of them leaves the state unmapped: the new running statistics then
+    come out mapped, one set per index. Legal (vmapping a batched model over tasks,
+    `out_axes=(0, 0)`), so not refused; but the commonest `vmap` mistake (a layer without
+    `axis_name`) looks the same, and JAX then refuses `out_axes=None` for the state with
+    a message about axis specs, which this warning, shown just before, explains."""
+    x_levels = _vmap_levels(x)
+    if any(name in names for _, name, _, _ in x_levels):
+        return  # reduced across a vmap of `x` (e.g. inside an unnamed ensemble vmap)
     state_levels = [trace for trace, *_ in _vmap_levels(running)]
-    for level, name, _, _ in _vmap_levels(x):
-        if level in state_levels or name in names:
-            continue
-        named = isinstance(name, str)
-        under = (f"`jax.vmap(..., axis_name={name!r})`" if named
-                 else "a `jax.vmap` without `axis_name`")
-        want = repr(name) if named else "'batch'"
-        raise fail(
-            "axis_name", "the name of the `jax.vmap` that maps `x`, so that the statistics "
-            "are taken across its examples",
-            f"axis_name={names[0] if len(names) == 1 else (names or None)!r} under {under}"
-            ", which would give every example its own running statistics",
-            f"construct the layer with `BatchNorm(..., axis_name={want})` and call it "
-            f"under `jax.vmap(bn, axis_name={want}, in_axes=(0, None), out_axes=(0, "
-            "None))(xs, state)`; for one set of statistics per mapped model on purpose "
-            "(an ensemble), map the state too: `in_axes=(0, 0), out_axes=(0, 0)`")
+    foreign = [name for level, name, _, _ in x_levels if level not in state_levels]
+    if not foreign:
+        return
+    name = foreign[0]
+    under = (f"`jax.vmap(..., axis_name={name!r})`" if isinstance(name, str)
+             else "a `jax.vmap` without `axis_name`")
+    want = repr(name) if isinstance(name, str) else "'batch'"
+    given = names[0] if len(names) == 1 else (names or None)
+    warnings.warn(
+        f"{PER_INDEX_WARNING}: a layer with axis_name={given!r} is trained under {under} "
+        "that maps `x` but not the state, so every mapped index gets its own running "
+        "statistics and the state comes out mapped. For statistics across the examples "
+        f"(a per-example model), construct the layer with `BatchNorm(..., "
+        f"axis_name={want})` and call it under `jax.vmap(bn, axis_name={want}, "
+        "in_axes=(0, None), out_axes=(0, None))(xs, state)`: with `out_axes=None` for the "
+        "state, JAX refuses this call ('got axis spec None but output was batched'). For "
+        "one set per index on purpose, map the state out (`out_axes=(0, 0)`) and silence "
+        f"this with `warnings.filterwarnings('ignore', message={PER_INDEX_WARNING!r})`.",
+        UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The `stacklevel` of the first frame outside this library, JAX and Equinox (the
+    user's line calling the `vmap`), for `warnings.warn` called from one level below."""
+    skip = tuple(str(Path(m.__file__).parent) for m in (jax, eqx, sys.modules[__package__]))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_state_on_mesh(x: Any, running: Any) -> None:

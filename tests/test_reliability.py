@@ -516,8 +516,9 @@ def _grad_case(name):
                      use_fast_variance=name != "two-pass+mask", renorm=name == "renorm",
                      **common)
     if name == "renorm":
+        stat_dtype = state.get(bn.state_index).mean.dtype  # float64: at least float32
         state = state.set(bn.state_index, ebn.BatchStats(
-            jnp.full((3,), 0.5, jnp.float32), jnp.full((3,), 2.0, jnp.float32)))
+            jnp.full((3,), 0.5, stat_dtype), jnp.full((3,), 2.0, stat_dtype)))
     use_mask = name.endswith("mask")
 
     @jax.jit  # one trace per derivative order and mode, not thousands of eager ops
@@ -526,8 +527,7 @@ def _grad_case(name):
         return layer(x, copy(state), mask=mask if use_mask else None)[0]
 
     if per_example:
-        # vmap outside the jit: JAX 0.10 loses vmap's axis names when differentiating a
-        # jit that contains the vmap (see _collectives.axis_size's error message).
+        # vmap outside the jit, as a per-example training loop writes it.
         f = jax.vmap(g, axis_name="batch", in_axes=(0, None, None, 0))
     else:
         f = g
