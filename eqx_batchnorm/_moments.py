@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import core, lax
 from jaxtyping import Array
 
 from . import _backend
@@ -117,7 +117,7 @@ def _shift(xc: Array, m: Array | None, red: tuple[int, ...]) -> Array:
     inner = math.prod(xc.shape[a] for a in red[1:])
     # `jax.core`'s min and max also take symbolic sizes (`jax.export`), where `min` and
     # `max` would compare them with a constant.
-    k = jax.core.min_dim(xc.shape[red[0]], -(-_SHIFT_SAMPLES // jax.core.max_dim(inner, 1)))
+    k = core.min_dim(xc.shape[red[0]], -(-_SHIFT_SAMPLES // core.max_dim(inner, 1)))
     head = leading(xc, red[0], k)
     if m is None:
         return head.mean(red)
@@ -308,7 +308,7 @@ def _carriers(cfg: Config):
         pick = _first(x, red).astype(dtype)
         never = jnp.zeros(pick.shape, bool) & onehot.reshape((-1,) + (1,) * pick.ndim)
         if mask is not None:
-            never = never & _first(_broadcast(mask, x), red)
+            never = never & _first(jnp.broadcast_to(mask, x.shape), red)
         if mean is not None:
             pick = pick + mean
         return jnp.where(never, pick[None], jnp.zeros((), dtype))

@@ -374,7 +374,8 @@ def warn_per_index_statistics(x: Any, running: Any, names: tuple[Hashable, ...])
 def _caller_level() -> int:
     """The `stacklevel` of the first frame outside this library, JAX and Equinox (the
     user's line calling the `vmap`), for `warnings.warn` called from one level below."""
-    skip = tuple(str(Path(m.__file__).parent) for m in (jax, eqx, sys.modules[__package__]))
+    skip = tuple(str(Path(str(m.__file__)).parent)
+                 for m in (jax, eqx, sys.modules[str(__package__)]))
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
