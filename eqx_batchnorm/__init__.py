@@ -15,10 +15,13 @@ from ._functional import BatchStatistics as BatchStatistics
 from ._functional import batch_statistics as batch_statistics
 from ._functional import normalize as normalize
 from ._functional import update_running_average as update_running_average
+from ._interop import deserialise_filter_spec as deserialise_filter_spec
 from ._interop import from_equinox as from_equinox
 from ._interop import from_flax as from_flax
 from ._interop import from_torch as from_torch
 from ._interop import to_flax as to_flax
 from ._precise import recompute_statistics as recompute_statistics
+from ._scan import scan_blocks as scan_blocks
+from ._scan import stack_blocks as stack_blocks
 
 __version__ = "0.1.0"

@@ -407,7 +407,11 @@ def _field_flag(value: Any) -> bool:
                    "`eqx.nn.inference_mode(layer, value)`") from None
 
 
-def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
+def _get_running(state: eqx.nn.State, bn: BatchNorm, per_block: str = "",
+                 stacked: bool = False) -> BatchStats:
+    """`bn`'s running statistics in `state`, checked. `per_block`: the caller mapped over
+    stacked blocks, for the message on a scanned model's state ("" for the layer's call);
+    `stacked`: whether leading (block) axes before the features are accepted."""
     try:
         running = state.get(bn.state_index)
     except KeyError as e:
@@ -421,15 +425,24 @@ def _get_running(state: eqx.nn.State, bn: BatchNorm) -> BatchStats:
                    "pass the state returned by the previous call; to reuse one on purpose, copy "
                    "it first: `jax.tree_util.tree_map(lambda a: a, state)`") from e
     stat_dtype = running_dtype(bn)
-    fits = isinstance(running, BatchStats) and all(
-        tuple(np.shape(v)) == bn.feature_shape and jnp.result_type(v) == stat_dtype
-        for v in (running.mean, running.var))
-    if not fits:
-        got = (f"statistics of shape {np.shape(running.mean)} and dtype "
-               f"{jnp.result_type(running.mean)}" if isinstance(running, BatchStats)
-               else repr(running))
-        raise fail("state", f"running statistics of shape {bn.feature_shape} and dtype "
-                   f"{jnp.dtype(stat_dtype)} for this layer", got,
-                   "pass the state made with this layer (a checkpoint of another feature "
-                   "size or dtype does not fit)")
-    return running
+    if not isinstance(running, BatchStats):
+        raise fail("state", "running statistics for this layer", repr(running),
+                   "pass the state made with this layer")
+    shapes = {tuple(np.shape(v)) for v in (running.mean, running.var)}
+    dtypes = {jnp.result_type(v) for v in (running.mean, running.var)}
+    blocks = _validate.leading_axes(next(iter(shapes)), bn.feature_shape)
+    if len(shapes) == 1 and dtypes == {stat_dtype} and (
+            shapes == {bn.feature_shape} or (stacked and blocks is not None)):
+        return running
+    got = f"statistics of shape {np.shape(running.mean)} and dtype {jnp.result_type(running.mean)}"
+    expected = (f"running statistics of shape {bn.feature_shape} and dtype "
+                f"{jnp.dtype(stat_dtype)} for this layer")
+    if blocks is not None and dtypes == {stat_dtype}:
+        raise fail("state", expected, got, _validate.per_block_fix(per_block, blocks))
+    fix = ("pass the state made with this layer (a checkpoint of another feature size or "
+           "dtype does not fit)")
+    if jnp.dtype(stat_dtype) == jnp.float64 and dtypes == {jnp.dtype(jnp.float32)}:
+        fix += ("; a checkpoint written by version 0.1 holds float32 statistics for a float64 "
+                "layer: load it with `eqx.tree_deserialise_leaves(path, (model, state), "
+                "filter_spec=ebn.deserialise_filter_spec)`")
+    raise fail("state", expected, got, fix)

@@ -78,6 +78,11 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
     `BatchNormError` for another kind of layer, a `bn` that is not a `BatchNorm`, or a
     `bn` whose feature axis or size is not the layer's output channels.
     """
+    return _fold_into(layer, bn, state, "eqx.filter_vmap(ebn.fold_into)(layer, bn, state)")
+
+
+def _fold_into(layer: Any, bn: Any, state: eqx.nn.State, per_block: str) -> Any:
+    """`fold_into`; `per_block`: the public call, mapped over stacked blocks."""
     channels, rank = _output_channels(layer)
     if not isinstance(bn, BatchNorm):
         raise fail("bn", "an eqx_batchnorm.BatchNorm", type(bn).__name__,
@@ -96,7 +101,7 @@ def fold_into(layer: Any, bn: Any, state: eqx.nn.State) -> Any:
         raise fail("bn", f"{channels} features (the {type(layer).__name__}'s output "
                    "channels)", f"feature shape {bn.feature_shape}",
                    "pass the batch norm that follows this layer")
-    running = _get_running(state, bn)
+    running = _get_running(state, bn, per_block)
     weight = layer.weight
     compute = jnp.promote_types(weight.dtype, jnp.float32)
     s = lax.rsqrt(running.var.astype(compute) + bn.epsilon)  # as `normalize` does
@@ -157,7 +162,8 @@ def fold_sequential(seq: Any, state: eqx.nn.State) -> eqx.nn.Sequential:
         if isinstance(layer, eqx.nn.Sequential):
             out.append(fold_sequential(layer, state))
         elif isinstance(layer, BatchNorm) and isinstance(before, _Foldable):
-            out[-1] = fold_into(before, layer, state)  # in place of `before`
+            out[-1] = _fold_into(before, layer, state,  # in place of `before`
+                                 "eqx.filter_vmap(ebn.fold_sequential)(blocks, state)")
         else:
             out.append(layer)
     return eqx.nn.Sequential(out)

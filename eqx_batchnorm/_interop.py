@@ -109,7 +109,7 @@ def to_flax(bn: Any, state: eqx.nn.State) -> dict[str, dict[str, Array]]:
     if not isinstance(bn, BatchNorm):
         raise fail("bn", "an `eqx_batchnorm.BatchNorm`", type(bn).__name__,
                    "for an `eqx.nn.BatchNorm`, convert it first with `from_equinox`")
-    running = _get_running(state, bn)
+    running = _get_running(state, bn, "eqx.filter_vmap(ebn.to_flax)(bn, state)")
     params = {k: v for k, v in {"scale": bn.scale, "bias": bn.bias}.items() if v is not None}
     out: dict[str, dict[str, Array]] = {
         "batch_stats": {"mean": jnp.asarray(running.mean), "var": jnp.asarray(running.var)}}
@@ -330,3 +330,44 @@ def from_equinox(eqx_bn: Any, state: Any,
         options["inference"] = eqx_bn.inference
     return _build(eqx_bn.weight, eqx_bn.bias, jnp.asarray(mean), jnp.asarray(var),
                   "the eqx.nn.BatchNorm", options | kwargs)
+
+
+def deserialise_filter_spec(f: Any, like: Any) -> Any:
+    r"""Equinox's `eqx.default_deserialise_filter_spec`, except that a floating-point
+    array stored narrower than its `like` is widened to `like`'s dtype (exactly).
+
+    For checkpoints written by version 0.1 of this library: a layer with
+    `param_dtype=jnp.float64` under `jax_enable_x64` kept its running statistics in
+    float32 then, and keeps them in float64 now (as Flax does), so the file's statistics
+    are narrower than a freshly built state's, which Equinox refuses.
+
+    !!! Example
+
+        ```python
+        model, state = eqx.tree_deserialise_leaves(
+            "model.eqx", (model, state), filter_spec=ebn.deserialise_filter_spec)
+        ```
+
+    **Arguments:**
+
+    - `f`: the open file, as `eqx.tree_deserialise_leaves` passes it.
+    - `like`: the leaf of the `like` tree being loaded.
+
+    **Returns:**
+
+    The loaded leaf: as Equinox loads it, widened where it is a floating-point array
+    of a narrower floating dtype than `like`'s.
+
+    **Raises:**
+
+    Nothing of its own: any other difference (shape, kind of dtype, a narrowing) is
+    left for `eqx.tree_deserialise_leaves` to report.
+    """
+    value = eqx.default_deserialise_filter_spec(f, like)
+    if (eqx.is_array(value) and eqx.is_array(like)
+            and jnp.issubdtype(value.dtype, jnp.floating)
+            and jnp.issubdtype(like.dtype, jnp.floating)
+            and value.dtype != like.dtype
+            and jnp.promote_types(value.dtype, like.dtype) == like.dtype):
+        return value.astype(like.dtype)
+    return value

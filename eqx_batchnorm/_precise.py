@@ -77,7 +77,8 @@ def _accumulate(probe_model: Any, base_state: eqx.nn.State, batch: Any, acc: lis
         mean_avg = mean_avg + delta / k
         m2 = m2 + delta * (mean - mean_avg)
         var_avg = var_avg + (var - var_avg) / k
-        updated = updated & jnp.any(stats.var != _SENTINEL)
+        features = tuple(range(-len(bn.feature_shape), 0))  # after any block axes
+        updated = updated & jnp.all(jnp.any(stats.var != _SENTINEL, axis=features))
         new_acc.append((mean_avg, m2, var_avg, updated))
     return new_acc
 
@@ -175,10 +176,12 @@ def recompute_statistics(
     base = _clone(state)
     acc = []
     for _, bn in bns:
-        running = _get_running(base, bn)
+        # Stacked blocks (a scanned model) hold their layers' statistics with a block axis.
+        running = _get_running(base, bn, stacked=True)
         base = base.set(bn.state_index, BatchStats(jnp.zeros_like(running.mean),
                                                    jnp.full_like(running.var, _SENTINEL)))
-        zeros = jnp.zeros(bn.feature_shape, jnp.promote_types(running.mean.dtype, jnp.float32))
+        zeros = jnp.zeros(running.mean.shape,
+                          jnp.promote_types(running.mean.dtype, jnp.float32))
         acc.append((zeros, zeros, zeros, jnp.array(True)))
     probe_model = jax.tree_util.tree_map(lambda n: _probe(n) if _is_bn(n) else n, model,
                                          is_leaf=_is_bn)
@@ -203,7 +206,7 @@ def recompute_statistics(
     for (_, bn), (mean, m2, var, _) in zip(bns, acc, strict=True):
         if estimator == "population":
             var = var + m2 / count
-        running = _get_running(result, bn)
+        running = _get_running(result, bn, stacked=True)
         result = result.set(bn.state_index, BatchStats(mean.astype(running.mean.dtype),
                                                        var.astype(running.var.dtype)))
     return result

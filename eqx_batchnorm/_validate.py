@@ -396,6 +396,22 @@ def check_state_on_mesh(x: Any, running: Any) -> None:
                    "`jax.device_put` them with that sharding beforehand")
 
 
+def leading_axes(shape: tuple[int, ...], feature_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes in front of `feature_shape` in `shape` (the blocks of a stacked model's
+    statistics), or None where `shape` does not end with `feature_shape` after some."""
+    k = len(shape) - len(feature_shape)
+    return tuple(shape[:k]) if k > 0 and tuple(shape[k:]) == feature_shape else None
+
+
+def per_block_fix(per_block: str, blocks: tuple[int, ...]) -> str:
+    """The fix for a stacked (scanned) model's state given to one layer's function;
+    `per_block`: that function mapped over the blocks (or "" for the layer's call)."""
+    where = (f"this is the state of blocks stacked {blocks} (a scanned model): apply the "
+             "blocks with `ebn.scan_blocks(blocks, state, x)` (or inside `jax.lax.scan`)")
+    return where + (f", and map functions of one layer over the blocks: `{per_block}`"
+                    if per_block else "")
+
+
 def describe(value: Any) -> str:
     """A short description of an argument, for messages."""
     if isinstance(value, jax.Array | np.ndarray):

@@ -73,6 +73,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Conv2d -> BatchNorm -> ReLU in `eqx.nn.Sequential`, per example under
     # `jax.vmap(axis_name="batch")`, channels first.
     "sequential": dict(kwargs=None, x_shape=(4, 3, 5, 5), x_dtype="float32"),
+    # Float64 parameters under `jax_enable_x64` (`x64`: recorded and loaded with it on);
+    # release 0.1.0 kept their running statistics in float32.
+    "float64_x64": dict(kwargs=dict(num_features=5, param_dtype=jnp.float64, momentum=0.9),
+                        x_shape=(10, 5), x_dtype="float64", x64=True),
 }
 
 
@@ -163,6 +167,11 @@ def _stored(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def record(name: str, recorded_with: str) -> None:
+    with jax.enable_x64(CONFIGS[name].get("x64", False)):
+        _record(name, recorded_with)
+
+
+def _record(name: str, recorded_with: str) -> None:
     model, state = build(name, jax.random.key(RECORD_KEY))
     model, state = _train(name, model, state)
     if CONFIGS[name].get("save_inference", False):

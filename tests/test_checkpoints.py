@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import record_checkpoint_fixture as fixture
 
-NAMES = list(fixture.CONFIGS)
+import eqx_batchnorm as ebn
+
+# Float64 layers under x64 changed their state's dtype: they have a test of their own.
+NAMES = [name for name, config in fixture.CONFIGS.items() if not config.get("x64")]
 
 # The leaves load bit for bit; the outputs need not. This version recomputes them with its
 # own kernels (one compiled kernel; on CPU, plain sums where 0.1.0 shifted the data by a
@@ -29,7 +32,7 @@ NAMES = list(fixture.CONFIGS)
 # element, relative to the element, are no measure: outputs near zero come out of the
 # cancellation in `x - mean`, where the mean's rounding is absolute. The bounds: the
 # measured value rounded up, plus one rounding unit.
-ULPS = {"float32": 3, "bfloat16": 2}
+ULPS = {"float32": 3, "bfloat16": 2, "float64": 3}
 
 
 def _recorded(name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -72,7 +75,7 @@ def _assert_bit_equal(actual, expected, what: str) -> None:
 
 def _assert_close(actual, expected: np.ndarray, dtype: str, what: str) -> None:
     assert str(actual.dtype) == dtype, f"{what}: dtype {actual.dtype}, recorded {dtype}"
-    actual = np.asarray(actual, np.float32)
+    actual = np.asarray(actual, np.float64)  # exact for every dtype here
     assert actual.shape == expected.shape, what
     ulp = float(jnp.finfo(dtype).eps) * float(np.max(np.abs(expected)))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=ULPS[dtype] * ulp,
@@ -116,3 +119,53 @@ def test_checkpoint_of_release_0_1_0_loads(name, clone):
         for what, value in (("y", y), ("mean", mean), ("var", var)):
             key = f"{mode}/{what}"
             _assert_close(value, recorded[key], dtypes[key], f"{name}: {key}")
+
+
+def test_float64_checkpoint_of_release_0_1_0_loads_widened(clone):
+    # Release 0.1.0 kept the running statistics of a float64 layer in float32; they are
+    # now float64 (Flax's "at least float32"). Equinox refuses the narrower leaves, and
+    # `ebn.deserialise_filter_spec` widens them, exactly.
+    name = "float64_x64"
+    path = fixture.FIXTURES / f"{name}.eqx"
+    recorded, dtypes = _recorded(name)
+    assert dtypes["leaf/mean"] == dtypes["leaf/var"] == "float32"
+    with jax.enable_x64(True):
+        like = _another(name)
+        assert like[1].get(like[0].state_index).mean.dtype == jnp.float64
+        with pytest.raises(RuntimeError, match="changed dtype from float64 in `like` to "
+                                               "float32 on disk"):
+            eqx.tree_deserialise_leaves(path, like)
+        model, state = eqx.tree_deserialise_leaves(path, like,
+                                                   filter_spec=ebn.deserialise_filter_spec)
+
+        loaded = [leaf for leaf in jax.tree.leaves((model, state)) if eqx.is_array_like(leaf)]
+        saved = _file_leaves(path)
+        assert len(loaded) == len(saved)
+        for i, (a, b) in enumerate(zip(loaded, saved, strict=True)):
+            # The `inference` flag, a bool, as saved; every array widened to float64.
+            want = b if b.dtype == bool else b.astype(np.float64)
+            _assert_bit_equal(a, want, f"leaf {i}")
+        for leaf, value in fixture.named_leaves(name, model, state).items():
+            _assert_bit_equal(value, recorded[f"leaf/{leaf}"].astype(np.float64), leaf)
+
+        x = jnp.asarray(recorded["x"])
+        f32_ulps = ULPS["float32"] * float(jnp.finfo(jnp.float32).eps)
+        for mode, inference in (("train", False), ("inference", True)):
+            y, new_state = fixture.forward(name, model, clone(state), x, inference)
+            if inference:
+                # 0.1.0 normalised with its float32 statistics, so in float32: now in
+                # float64, the recorded outputs are one float32 rounding off.
+                want = recorded["inference/y"]
+                assert y.dtype == jnp.float64
+                np.testing.assert_allclose(np.asarray(y), want, rtol=0,
+                                           atol=f32_ulps * float(np.max(np.abs(want))))
+            else:
+                _assert_close(y, recorded["train/y"], "float64", "train/y")
+            mean, var = fixture.running(name, model, new_state)
+            for what, value in (("mean", mean), ("var", var)):
+                # 0.1.0 rounded the new statistics to float32; they stay float64 now.
+                assert value.dtype == jnp.float64
+                want = recorded[f"{mode}/{what}"]
+                np.testing.assert_allclose(np.asarray(value), want, rtol=0,
+                                           atol=f32_ulps * float(np.max(np.abs(want))),
+                                           err_msg=what)
