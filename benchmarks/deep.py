@@ -47,6 +47,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +140,17 @@ def _mean_square(y: jax.Array) -> jax.Array:
 
 class Stack(eqx.Module):
     """`layers` x (BatchNorm, relu, 1x1 convolution), an Equinox model on an NHWC batch
-    or, `channels_first`, on (C, H, W) examples."""
+    or, `channels_first`, on (C, H, W) examples; the convolutions' weights are identity
+    matrices unless `weights` are given."""
 
     norms: tuple
     weights: tuple
     channels_first: bool = eqx.field(static=True)
 
-    def __init__(self, norm: Callable[[int], Any], c: int, layers: int, channels_first: bool):
+    def __init__(self, norm: Callable[[int], Any], c: int, layers: int, channels_first: bool,
+                 weights: tuple | None = None):
         self.norms = tuple(norm(c) for _ in range(layers))
-        self.weights = tuple(jnp.eye(c) for _ in range(layers))
+        self.weights = tuple(jnp.eye(c) for _ in range(layers)) if weights is None else weights
         self.channels_first = channels_first
 
     def __call__(self, x, state):
@@ -297,10 +300,12 @@ def per_round_ratios(samples: dict[str, list[float]], ref: str) -> dict[str, flo
 
 def compile_costs(steps: dict[str, Step], rounds: int) -> dict[str, Any]:
     """Trace, lowering and XLA compile of fresh functions, alternating variants; the last
-    round's executables are returned too, for the step times."""
+    round's executables are returned too, for the step times, with their XLA temporary
+    memory (`memory_analysis().temp_size_in_bytes`)."""
     phases = ("trace", "lower", "compile")
     samples = {p: {name: [] for name in steps} for p in phases}
     eqns: dict[str, dict[str, int]] = {}
+    temp: dict[str, int | None] = {}
     executables: dict[str, Callable[[], Any]] = {}
     for _, order in _rotations(list(steps), rounds):
         for name in order:
@@ -317,8 +322,10 @@ def compile_costs(steps: dict[str, Step], rounds: int) -> dict[str, Any]:
                 samples[p][name].append(t)
             eqns[name] = {"top level": len(traced.jaxpr.jaxpr.eqns),
                           "total": count_equations(traced.jaxpr.jaxpr)}
+            memory = compiled.memory_analysis()
+            temp[name] = None if memory is None else int(memory.temp_size_in_bytes)
             executables[name] = lambda c=compiled, a=steps[name].args: c(*a)
-    return {"samples": samples, "equations": eqns, "calls": executables}
+    return {"samples": samples, "equations": eqns, "temp_bytes": temp, "calls": executables}
 
 
 def alternate(calls: dict[str, Callable[[], Any]], rounds: int, sample_s: float,
@@ -395,6 +402,187 @@ def run_stack(case: Case, layers: int, rounds: int, compile_rounds: int,
                 **{f"ours vmap {e}": "no BN vmap" for e in estimators}}
     return _measure(f"{layers} layers, x {case.label}", stack_steps(case, layers, estimators),
                     baseline, rounds, compile_rounds, sample_s)
+
+
+# ---------------------------------------------------------------------------------------
+# Scan over layers: the stack's blocks stacked along a leading axis and applied with
+# `jax.lax.scan` (`ebn.scan_blocks`, Flax's `nn.scan`), against the same stack unrolled
+
+
+SCAN_DEPTHS = (8, 16, 32, LAYERS)
+SCAN_VARIANTS = ("Flax", "Flax scan", "ours", "ours scan", "ours vmap", "ours vmap scan")
+UNROLLED = {"Flax scan": "Flax", "ours scan": "ours", "ours vmap scan": "ours vmap"}
+SCANNED = ("ours scan", "ours vmap scan")
+
+
+def _weight(key: jax.Array, c: int) -> jax.Array:
+    # The identity perturbed from the block's key: the blocks differ, so that the check of
+    # the scanned variants against the unrolled ones sees the blocks' order.
+    return jnp.eye(c) + 0.1 / np.sqrt(c) * jax.random.normal(key, (c, c))
+
+
+class Block(eqx.Module):
+    """One block of the stack: a BatchNorm, then `_between` (relu, 1x1 convolution)."""
+
+    norm: Any
+    weight: jax.Array
+    channels_first: bool = eqx.field(static=True)
+
+    def __init__(self, norm: Callable[[int], Any], c: int, channels_first: bool,
+                 key: jax.Array):
+        self.norm = norm(c)
+        self.weight = _weight(key, c)
+        self.channels_first = channels_first
+
+    def __call__(self, x, state):
+        y, state = self.norm(x, state)
+        return _between(y, self.weight, x.dtype, self.channels_first), state
+
+
+class Scanned(eqx.Module):
+    """Blocks stacked by `ebn.stack_blocks`, applied by `ebn.scan_blocks` (per example,
+    under its `vmap`, with an `axis_name`)."""
+
+    blocks: Block
+    axis_name: str | None = eqx.field(static=True)
+
+    def __call__(self, x, state):
+        return ebn.scan_blocks(self.blocks, state, x, axis_name=self.axis_name)
+
+
+class FlaxBlock(nn.Module):
+    """One block of `FlaxStack` (NHWC), in `nn.scan`'s form `(carry, x) -> (carry, y)`."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        y = nn.BatchNorm(use_running_average=False)(x)
+        w = self.param("weight", lambda key, c: jnp.eye(c), x.shape[-1])
+        return _between(y, w, x.dtype, channels_first=False), None
+
+
+class FlaxScanStack(nn.Module):
+    """`FlaxStack` with `nn.scan` over its blocks: parameters and batch statistics stacked
+    along a leading axis."""
+
+    layers: int
+
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(FlaxBlock, variable_axes={"params": 0, "batch_stats": 0},
+                         split_rngs={"params": True}, length=self.layers)
+        return blocks(name="blocks")(x, None)[0]
+
+
+def scan_steps(case: Case, depth: int) -> dict[str, Step]:
+    """The six variants at `depth`, with the same initial values: the unrolled models'
+    convolutions take the weights that `ebn.stack_blocks` gives its blocks (one key each,
+    split from the same key), Flax's are set to them after `init`."""
+    c = case.shape[3]
+    nhwc, nchw = case.inputs()
+    key = jax.random.key(0)
+    weights = tuple(_weight(k, c) for k in jax.random.split(key, depth))
+    steps = {}
+    flax_model = FlaxStack(depth)
+    v = flax_model.init(jax.random.key(0), nhwc)
+    v = {**v, "params": {**v["params"], **{f"weight_{i}": w for i, w in enumerate(weights)}}}
+    steps["Flax"] = flax_step(flax_model, v, (nhwc,), _mean_square)
+    scan_model = FlaxScanStack(depth)
+    v = scan_model.init(jax.random.key(0), nhwc)
+    assert v["params"]["blocks"]["weight"].shape == (depth, c, c)
+    v = {**v, "params": {"blocks": {**v["params"]["blocks"], "weight": jnp.stack(weights)}}}
+    steps["Flax scan"] = flax_step(scan_model, v, (nhwc,), _mean_square)
+    norms = {"ours": (ebn.BatchNorm, False),
+             "ours vmap": (lambda c: ebn.BatchNorm(c, axis=0, axis_name=AXIS), True)}
+    for name, (norm, per_example) in norms.items():
+        x = nchw if per_example else nhwc
+        model, state = eqx.nn.make_with_state(Stack)(norm, c, depth, per_example, weights)
+        steps[name] = equinox_step(model, state, (x,), _mean_square, per_example)
+        blocks, state = ebn.stack_blocks(partial(Block, norm, c, per_example), depth, key)
+        steps[f"{name} scan"] = equinox_step(Scanned(blocks, AXIS if per_example else None),
+                                             state, (x,), _mean_square, per_example=False)
+    return {name: steps[name] for name in SCAN_VARIANTS}
+
+
+def check_scanned(steps: dict[str, Step], calls: dict[str, Callable[[], Any]],
+                  rtol: float = 1e-5) -> dict[str, list[float]]:
+    """Each scanned variant against its unrolled model (same initial values), on the
+    compiled steps' outputs, before any step is timed: the loss, the squared norm of the
+    SGD update and that of the new running statistics, to `rtol`. Returns them."""
+    out = {}
+    for name in steps:
+        new_params, new_state, value = calls[name]()
+        update = sum(float(jnp.sum(jnp.square(n - o)))
+                     for n, o in zip(new_params, steps[name].args[0], strict=True))
+        stats = sum(float(jnp.sum(jnp.square(s))) for s in new_state)
+        out[name] = [float(value), update, stats]
+    for scanned, unrolled in UNROLLED.items():
+        a, b = np.array(out[scanned]), np.array(out[unrolled])
+        if not np.allclose(a, b, rtol=rtol, atol=0.0):
+            raise AssertionError(f"{scanned} and {unrolled} disagree: (loss, |update|^2, "
+                                 f"|stats|^2) {a.tolist()} against {b.tolist()}")
+    return out
+
+
+def run_scan(case: Case, depth: int, rounds: int, compile_rounds: int,
+             sample_s: float) -> Section:
+    steps = scan_steps(case, depth)
+    out = Section(f"{depth} blocks, x {case.label}")
+    costs = compile_costs(steps, compile_rounds)
+    out.extra["check"] = check_scanned(steps, costs["calls"])
+    samples = {**costs["samples"], "step": alternate(costs["calls"], rounds, sample_s)}
+    for quantity, by in samples.items():
+        out.add(quantity, by)
+    out.extra.update(
+        x=case.label, depth=depth, equations=costs["equations"], temp_bytes=costs["temp_bytes"],
+        ratio_to_Flax_scan={q: per_round_ratios(by, "Flax scan") for q, by in samples.items()},
+        # A scanned variant over the same model unrolled, same style: per-round ratios.
+        ratio_to_unrolled={q: {k: float(np.median(np.array(by[k]) / np.array(by[u])))
+                               for k, u in UNROLLED.items()} for q, by in samples.items()})
+    return out
+
+
+def scan_targets(sections: list[Section]) -> list[dict[str, Any]]:
+    """What we aim for with scanned models, checked at the deepest stack of a case (growth:
+    from its shallowest stack); temporary memory at every depth."""
+    out = []
+
+    def target(name: str, limit: float, values: dict[str, float], note: str = "") -> None:
+        out.append({"target": name, "limit": limit, "values": values, "note": note,
+                    "met": all(v <= limit for v in values.values())})
+
+    for x in dict.fromkeys(s.extra["x"] for s in sections):
+        mine = sorted((s for s in sections if s.extra["x"] == x), key=lambda s: s.extra["depth"])
+        low, high = mine[0], mine[-1]
+        n = high.extra["depth"]
+        where = f"{n} blocks, x {x}"
+        target(f"compile / Flax unrolled, {where}", 0.5,
+               {k: high.ratios["compile"][k] for k in SCANNED},
+               f"Flax scan {B._x(high.ratios['compile']['Flax scan'])}")
+        target(f"compile / Flax scan, {where}", 1.1,
+               {k: high.extra["ratio_to_Flax_scan"]["compile"][k] for k in SCANNED})
+        target(f"trace / Flax scan, {where}", 1.0,
+               {k: high.extra["ratio_to_Flax_scan"]["trace"][k] for k in SCANNED})
+        target(f"step / our unrolled step (same style), {where}", 1.1,
+               {k: high.extra["ratio_to_unrolled"]["step"][k] for k in SCANNED},
+               f"Flax scan / Flax {B._x(high.extra['ratio_to_unrolled']['step']['Flax scan'])}")
+        if high is not low:
+            growth = {k: high.medians["compile"][k] / low.medians["compile"][k]
+                      for k in SCAN_VARIANTS}
+            target(f"compile growth, {low.extra['depth']} to {n} blocks, x {x}", 1.3,
+                   {k: growth[k] for k in SCANNED},
+                   "ratio of medians; " + ", ".join(
+                       f"{k} {B._x(growth[k])}" for k in SCAN_VARIANTS if k not in SCANNED))
+        for ours, flax in (("ours scan", "Flax scan"), ("ours vmap scan", "Flax scan"),
+                           ("ours", "Flax"), ("ours vmap", "Flax")):
+            if any(s.extra["temp_bytes"][k] is None for s in mine for k in (ours, flax)):
+                continue  # a backend without XLA's memory analysis
+            worst = max(mine, key=lambda s: s.extra["temp_bytes"][ours]
+                        / s.extra["temp_bytes"][flax])
+            t = worst.extra["temp_bytes"]
+            target(f"temp memory {ours} / {flax}, x {x}", 1.0, {ours: t[ours] / t[flax]},
+                   f"worst at {worst.extra['depth']} blocks: {t[ours] / 2**20:.2f} MiB "
+                   f"against {t[flax] / 2**20:.2f} MiB")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,7 +820,29 @@ def resnet_table(s: Section) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("stack", "eager", "resnet")
+def scan_table(sections: list[Section]) -> str:
+    """One case's depths: a row per variant, ratios to Flax unrolled at the same depth."""
+    lines = ["| blocks | variant | trace ms | **trace/Flax** | compile ms | **compile/Flax** "
+             "| step ms | **step/Flax** | temp MiB |", "|" + "---|" * 9]
+    for s in sections:
+        for i, name in enumerate(SCAN_VARIANTS):
+            temp = s.extra["temp_bytes"][name]
+            lines.append(
+                f"| {s.extra['depth'] if i == 0 else ''} | {name} "
+                f"| {B._ms(s.medians['trace'][name])} | {_ratio_cell(s, 'trace', name)} "
+                f"| {B._ms(s.medians['compile'][name])} | {_ratio_cell(s, 'compile', name)} "
+                f"| {B._ms(s.medians['step'][name])} | {_ratio_cell(s, 'step', name)} "
+                f"| {'' if temp is None else f'{temp / 2**20:.2f}'} |")
+    return "\n".join(lines)
+
+
+def target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    return [f"- [{'x' if t['met'] else ' '}] {t['target']} <= {t['limit']}x: "
+            + ", ".join(f"{k} {B._x(v)}" for k, v in t["values"].items())
+            + (f" ({t['note']})" if t["note"] else "") for t in targets]
+
+
+SECTIONS = ("stack", "eager", "resnet", "scan")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -646,8 +856,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None,
                    help=f"BatchNorms in the stack (default {LAYERS})")
     p.add_argument("--dtypes", default=",".join(DTYPES),
-                   help="x's dtypes in the stack and eager sections: comma-separated subset "
-                   "of " + ", ".join(DTYPES))
+                   help="x's dtypes in the stack, eager and scan sections: comma-separated "
+                   "subset of " + ", ".join(DTYPES))
+    p.add_argument("--depths", default=None,
+                   help="scan: the stacks' depths, comma-separated (default "
+                   + ",".join(map(str, SCAN_DEPTHS)) + f", {SCAN_DEPTHS[0]} with --quick)")
     p.add_argument("--batch", type=int, default=64, help="the ResNet's batch (default 64)")
     p.add_argument("--eager-calls", type=int, default=None,
                    help="eager calls counted for compilations (default 20)")
@@ -671,6 +884,8 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (2 if args.quick else 30)
     compile_rounds = args.compile_rounds or (1 if args.quick else 3)
     layers = args.layers or (4 if args.quick else LAYERS)
+    depths = ([int(d) for d in args.depths.split(",")] if args.depths
+              else list(SCAN_DEPTHS[:1] if args.quick else SCAN_DEPTHS))
     calls = args.eager_calls or (3 if args.quick else 20)
     sample_s = (args.sample_ms or (10.0 if jax.default_backend() == "cpu" else 25.0)) / 1e3
     shapes = SHAPES[:1] if args.quick else SHAPES
@@ -680,7 +895,8 @@ def main(argv: list[str] | None = None) -> None:
     info = B.machine()
     command = "python benchmarks/deep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     raw: dict[str, Any] = {"machine": info, "command": command.strip(), "rounds": rounds,
-                           "compile_rounds": compile_rounds, "layers": layers}
+                           "compile_rounds": compile_rounds, "layers": layers,
+                           "depths": depths}
     start = time.perf_counter()
 
     def emit(key: str, value: Any, lines: list[str]) -> None:
@@ -745,6 +961,27 @@ def main(argv: list[str] | None = None) -> None:
                 "difference to the network without BatchNorm; BN/Flax's BN: ratio of those "
                 "medians; BN compile ms: likewise for XLA's compile.", "",
                 resnet_table(resnet), ""])
+    if "scan" in sections:
+        done, lines = [], []
+        for case in cases:
+            mine = []
+            for depth in depths:
+                mine.append(run_scan(case, depth, rounds, compile_rounds, sample_s))
+                log(f"scan {mine[-1].case}: compile/Flax {mine[-1].ratios['compile']}")
+            lines += [f"x {case.label}:", "", scan_table(mine), ""]
+            done += mine
+        targets = scan_targets(done)
+        emit("scan", {"depths": [s.to_json() for s in done], "targets": targets}, [
+            "### Scan over layers: one SGD step", "",
+            "The stack's blocks (BatchNorm, relu, 1x1 convolution) stacked and applied with "
+            "`jax.lax.scan` (`ebn.scan_blocks`; Flax: `nn.scan`), and the same model "
+            "unrolled, with the same initial values (checked: equal losses, updates and "
+            "running statistics). Times: medians; ratios: **medians of per-round ratios** "
+            "to Flax unrolled at the same depth. Trace, compile: fresh functions after "
+            f"`jax.clear_caches()`, {compile_rounds} round(s); step: {rounds} rounds; "
+            "temp: the compiled step's XLA temporary memory.", "", *lines,
+            "What we aim for (per-round ratios; growth: ratio of medians):", "",
+            *target_lines(targets), ""])
     print(f"Done in {time.perf_counter() - start:.0f} s.")
 
 

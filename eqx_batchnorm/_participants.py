@@ -49,6 +49,14 @@ def axis_size(names: tuple[Hashable, ...]) -> int:
             size *= int(lax.axis_size(name))
         except NameError:
             raise unbound_axis_name(name) from None
+        except jax.errors.InconclusiveDimensionOperation as e:
+            # JAX cannot take the size of a `vmap` over a symbolic batch (Flax's and
+            # Equinox's layers fail here alike).
+            raise fail("axis_name", "a named axis of known size",
+                       f"the `jax.vmap` axis {name!r} over a symbolic batch (`jax.export`)",
+                       "export the batched style, with the same numbers: `BatchNorm(C, "
+                       "axis=1)` (or the channel axis) on the whole batch, `axis_name=None`; "
+                       "or export with a concrete batch size") from e
     return size
 
 
