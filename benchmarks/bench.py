@@ -430,33 +430,56 @@ def _x(r: float | None) -> str:
     return "" if r is None else f"{r:.2f}x"
 
 
-def timing_table(results: list[Result]) -> str:
-    head = ("| mode | x shape | layout | dtype | copy ms | Flax ms | ours ms | **ours/Flax** "
-            "| ours/copy | ours vmap ms | **vmap/ours** | eqx ms | **eqx/vmap** |")
-    lines = [head, "|" + "---|" * 13]
-    for r in results:
-        t, q = r.times, r.ratios
-        lines.append(
-            f"| {r.mode} | {r.case.x_shape} | {r.case.layout} | {r.case.dtype} "
-            f"| {_ms(t.get('copy'))} | {_ms(t.get('Flax'))} | {_ms(t.get('ours'))} "
-            f"| {_x(q.get('ours/Flax'))} | {_x(q.get('ours/copy'))} | {_ms(t.get('ours vmap'))} "
-            f"| {_x(q.get('ours vmap/ours'))} | {_ms(t.get('eqx'))} "
-            f"| {_x(q.get('eqx/ours vmap'))} |")
+# The widest a table may be to fit the docs page at 1280 px (as `docs/tools/check_layout.py`
+# checks it): seven columns of the widths below.
+TABLE_COLUMNS = 7
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    assert len(head) <= TABLE_COLUMNS, head
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _where(r: Result) -> str:
+    return f"{r.case.x_shape} {r.case.layout} {r.case.dtype}"
+
+
+def timing_table(results: list[Result]) -> str:
+    """Two tables, each narrow enough for the docs page: ours against Flax and the memory
+    floor, then the per-example style and `eqx.nn.BatchNorm`."""
+    t_q = [(r, r.times, r.ratios) for r in results]
+    ours = _table(
+        ["x (layout, dtype)", "mode", "copy ms", "Flax ms", "ours ms", "**ours/Flax**",
+         "ours/copy"],
+        [[_where(r), r.mode, _ms(t.get("copy")), _ms(t.get("Flax")), _ms(t.get("ours")),
+          _x(q.get("ours/Flax")), _x(q.get("ours/copy"))] for r, t, q in t_q])
+    styles = _table(
+        ["x (layout, dtype)", "mode", "ours ms", "ours vmap ms", "**vmap/ours**", "eqx ms",
+         "**eqx/vmap**"],
+        [[_where(r), r.mode, _ms(t.get("ours")), _ms(t.get("ours vmap")),
+          _x(q.get("ours vmap/ours")), _ms(t.get("eqx")), _x(q.get("eqx/ours vmap"))]
+         for r, t, q in t_q])
+    return "\n".join([
+        "Ours against Flax and the memory floor (`copy`):", "", ours, "",
+        "Per example under `vmap` (Equinox's style) against batched, and `eqx.nn.BatchNorm` "
+        "(NCHW only) against ours per example:", "", styles])
 
 
 def memory_table(mem: list[tuple[Case, dict]]) -> str:
-    lines = ["| x shape | layout | dtype | mode | temp bytes ours | temp bytes Flax "
-             "| trace+lower ms ours | Flax | XLA compile ms ours | Flax |",
-             "|" + "---|" * 10]
-    for case, m in mem:
-        for mode in ("fwd", "fwd+bwd"):
-            lines.append(
-                f"| {case.x_shape} | {case.layout} | {case.dtype} | {mode} "
-                f"| {m[f'{mode} temp ours']} | {m[f'{mode} temp Flax']} "
-                f"| {_ms(m[f'{mode} trace ours'])} | {_ms(m[f'{mode} trace Flax'])} "
-                f"| {_ms(m[f'{mode} compile ours'])} | {_ms(m[f'{mode} compile Flax'])} |")
-    return "\n".join(lines)
+    def pair(m: dict, key: str, fmt=str) -> str:
+        return f"{fmt(m[f'{key} ours'])} / {fmt(m[f'{key} Flax'])}"
+
+    def ms(t: float) -> str:
+        return f"{t * 1e3:.1f}"
+
+    return _table(
+        ["x (layout, dtype)", "mode", "temp bytes ours / Flax", "trace ms ours / Flax",
+         "compile ms ours / Flax"],
+        [[f"{case.x_shape} {case.layout} {case.dtype}", mode, pair(m, f"{mode} temp"),
+          pair(m, f"{mode} trace", ms), pair(m, f"{mode} compile", ms)]
+         for case, m in mem for mode in ("fwd", "fwd+bwd")])
 
 
 def variance_tables(speed: dict, acc: dict) -> str:

@@ -24,4 +24,4 @@ from ._precise import recompute_statistics as recompute_statistics
 from ._scan import scan_blocks as scan_blocks
 from ._scan import stack_blocks as stack_blocks
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"

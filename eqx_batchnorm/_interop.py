@@ -344,8 +344,13 @@ def deserialise_filter_spec(f: Any, like: Any) -> Any:
     !!! Example
 
         ```python
-        model, state = eqx.tree_deserialise_leaves(
-            "model.eqx", (model, state), filter_spec=ebn.deserialise_filter_spec)
+        import tempfile
+
+        path = tempfile.mkdtemp() + "/model.eqx"
+        bn, state = eqx.nn.make_with_state(ebn.BatchNorm)(8)
+        eqx.tree_serialise_leaves(path, (bn, state))   # e.g. written by version 0.1
+        bn, state = eqx.tree_deserialise_leaves(
+            path, (bn, state), filter_spec=ebn.deserialise_filter_spec)
         ```
 
     **Arguments:**

@@ -97,7 +97,12 @@ def scan_blocks(
     !!! Example
 
         ```python
-        blocks, state = ebn.stack_blocks(Block, 8, jax.random.key(0))   # see stack_blocks
+        def make_block(key):  # BatchNorm, relu, a 1x1 convolution; per example
+            return eqx.nn.Sequential([ebn.BatchNorm(16, axis=0, axis_name="batch"),
+                                      eqx.nn.Lambda(jax.nn.relu),
+                                      eqx.nn.Conv2d(16, 16, 1, key=key)])
+
+        blocks, state = ebn.stack_blocks(make_block, 8, jax.random.key(0))
         xs = jax.random.normal(jax.random.key(1), (32, 16, 8, 8))
 
         @eqx.filter_jit
@@ -107,6 +112,8 @@ def scan_blocks(
 
         (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(
             blocks, state, xs)
+        ys, _ = ebn.scan_blocks(eqx.nn.inference_mode(blocks), state, xs,
+                                axis_name="batch")   # inference
         ```
 
     **Arguments:**
@@ -153,8 +160,8 @@ def scan_blocks(
         block_params, block_state = block_and_state
         out = apply(eqx.combine(block_params, static), carry, block_state)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], eqx.nn.State)):
-            raise fail("call", "a function returning `(x, state)`",
-                       f"one returning {type(out).__name__}",
+            got = "an array" if isinstance(out, jax.Array) else type(out).__name__
+            raise fail("call", "a function returning `(x, state)`", f"one returning {got}",
                        "return the block's output and its state, e.g. "
                        "`call=lambda block, x, state: block(x, state)`")
         return out
@@ -164,8 +171,12 @@ def scan_blocks(
     except TypeError as e:
         if "carry" not in str(e) or isinstance(e, BatchNormError):
             raise
+        first = jax.tree.map(lambda a: a[0], (params, state))
+        out = jax.eval_shape(lambda p, s: step(x, (p, s))[0], *first)
+        types = [", ".join(str(jax.typeof(a)) for a in jax.tree.leaves(t)) for t in (x, out)]
         raise fail("blocks", "blocks whose output has the shape and dtype of their input "
-                   "(the scan carries it from block to block)", f"blocks that change it: {e}",
+                   "(the scan carries it from block to block)",
+                   f"blocks that turn {types[0]} into {types[1]}",
                    "make each block return its input's shape and dtype (e.g. cast back "
                    "with `.astype(x.dtype)`), and apply layers that change the shape "
                    "before or after the scanned blocks") from None

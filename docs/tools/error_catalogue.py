@@ -106,6 +106,12 @@ TRIGGERS: list[tuple[str, str, str]] = [
     ("Call", "renorm_r_max", "bn, state = make(3, renorm=True)\nbn(x, state, renorm_r_max=0.5)"),
     ("Call", "renorm_d_max", "bn, state = make(3, renorm=True)\nbn(x, state, renorm_d_max=-1.0)"),
     ("Call", "key", "bn(x, state, key=5)"),
+    ("Call", "state", "with jax.enable_x64(True):  # a float32 state for a float64 layer\n"
+                      "    bn64, _ = make(3, param_dtype=jnp.float64)\n"
+                      "    bn64(x, state)"),
+    ("Call", "state", "blocks, states = ebn.stack_blocks(lambda k: ebn.BatchNorm(3), 2,\n"
+                      "                                  jax.random.key(0))\n"
+                      "blocks(x, states)  # stacked blocks called as one layer"),
     ("Call", "axis_name", 'bn, state = make(3, axis_name="batch")\nbn(x, state)'),
     ("Call", "axis_name", 'bn, state = make(3, axis=0, axis_name="batch")\n'
                           'jax.vmap(bn, axis_name="examples", in_axes=(0, None),\n'
@@ -124,6 +130,12 @@ TRIGGERS: list[tuple[str, str, str]] = [
     ("Call", "axis_index_groups",
      'bn, state = make(3, axis=0, axis_name="b", axis_index_groups=[[0], [1]])\n'
      'jax.vmap(bn, axis_name="b", in_axes=(0, None), out_axes=(0, None))(x, state)'),
+    ("Call", "axis_name", 'bn, state = make(3, axis=0, axis_name="batch")\n'
+                          'per_example = jax.vmap(bn, axis_name="batch", in_axes=(0, None),\n'
+                          '                       out_axes=(0, None))\n'
+                          'batch = jax.export.symbolic_shape("b, 3")\n'
+                          'jax.export.export(jax.jit(per_example))(\n'
+                          '    jax.ShapeDtypeStruct(batch, jnp.float32), state)'),
     # ------------------------------------------------------------------ functional core
     ("Functional core", "x", "ebn.batch_statistics(jnp.ones((4, 3), jnp.int32))"),
     ("Functional core", "x", "ebn.batch_statistics(jnp.ones(3))"),
@@ -182,16 +194,26 @@ TRIGGERS: list[tuple[str, str, str]] = [
     ("Precise BN", "call", "ebn.recompute_statistics(bn, state, [x], call=lambda m, b, s: 0)"),
     ("Precise BN", "model", "ebn.recompute_statistics(\n"
                             "    bn, state, [x], call=lambda m, b, s: (b, s))"),
+    # ------------------------------------------------------------------ scan over layers
+    ("Scan over layers", "n",
+     "ebn.stack_blocks(lambda k: ebn.BatchNorm(3), 0, jax.random.key(0))"),
+    ("Scan over layers", "make_block", 'ebn.stack_blocks("BatchNorm", 2, jax.random.key(0))'),
+    ("Scan over layers", "key", "ebn.stack_blocks(lambda k: ebn.BatchNorm(3), 2, key=0)"),
+    ("Scan over layers", "state", "ebn.scan_blocks(bn, None, x)"),
+    ("Scan over layers", "axis_name", 'ebn.scan_blocks(bn, state, x, axis_name="b",\n'
+                                      '                call=lambda b, x, s: b(x, s))'),
+    ("Scan over layers", "blocks", "ebn.scan_blocks(bn, make(4)[1], x)  # sizes 3 and 4"),
+    ("Scan over layers", "call",
+     "blocks, states = ebn.stack_blocks(lambda k: ebn.BatchNorm(3), 2,\n"
+     "                                  jax.random.key(0))\n"
+     "ebn.scan_blocks(blocks, states, x, call=lambda b, x, s: b(x, s)[0])"),
+    ("Scan over layers", "blocks",
+     "def widen(key):  # a block whose output is wider than its input\n"
+     "    return eqx.nn.Sequential([ebn.BatchNorm(3),\n"
+     "                              eqx.nn.Lambda(lambda x: jnp.tile(x, 2))])\n"
+     "blocks, states = ebn.stack_blocks(widen, 2, jax.random.key(0))\n"
+     "ebn.scan_blocks(blocks, states, x)"),
     # ------------------------------------------------------------------ vmap mistakes
-    ("Mistakes under vmap", "axis_name",
-     "xs = jnp.ones((4, 3, 2))  # 4 examples of shape (C, L)\n"
-     "bn, state = make(3, axis=0)  # no axis_name, and none on the vmap\n"
-     "jax.vmap(bn, in_axes=(0, None), out_axes=(0, None))(xs, state)"),
-    ("Mistakes under vmap", "axis_name",
-     "xs = jnp.ones((4, 3, 2))\n"
-     "bn, state = make(3, axis=0)  # a named vmap, a layer without the name\n"
-     'jax.vmap(bn, axis_name="batch", in_axes=(0, None),\n'
-     "         out_axes=(0, None))(xs, state)"),
     ("Mistakes under vmap", "axis_name",
      "xs = jnp.ones((4, 3, 2))\n"
      'bn, state = make(3, axis=0, axis_name="btach")  # a typo\n'
