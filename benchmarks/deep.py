@@ -4,8 +4,9 @@
     uv run python benchmarks/deep.py                     # every section (see docs/benchmarks.md)
     uv run python benchmarks/deep.py --quick             # a smoke run: one shape, 2 rounds
     uv run python benchmarks/deep.py --sections stack --json deep.json
+    uv run python benchmarks/deep.py --sections scan --shapes small --dtypes f32
 
-Three sections, each measured in one process with the method of `benchmarks/bench.py`
+Four sections, each measured in one process with the method of `benchmarks/bench.py`
 (implementations side by side, alternating rounds, medians of per-round ratios to Flax):
 
 - `stack`: 53 BatchNorms (ResNet-50's count) with the same work between layers in every
@@ -20,6 +21,16 @@ Three sections, each measured in one process with the method of `benchmarks/benc
 - `resnet`: the ResNet of `examples/digits_demo.py` (batch of 64 8x8 images), one SGD
   step, with each BatchNorm in the same place, and with none (identity): the BatchNorm's
   cost per step is the model's step minus the no-BatchNorm step.
+- `scan`: the stack's blocks at depths 8, 16, 32 and 53 (`--depths`), scanned over and
+  unrolled, one SGD step: `ours scan` (`ebn.stack_blocks` and `ebn.scan_blocks`, NHWC
+  batch), `ours vmap scan` (per example, `ebn.scan_blocks(..., axis_name="batch")`),
+  `Flax scan` (`nn.scan` over a block module), and `ours`, `ours vmap`, `Flax` unrolled,
+  all with the same initial values (the unrolled convolutions take the weights of the
+  scanned blocks' keys; a step whose loss, update or running statistics differ from its
+  unrolled model's stops the run before any step is timed). Per variant: trace, lowering,
+  XLA compile, step time and the compiled step's XLA temporary memory; ratios to Flax
+  unrolled, to Flax's `nn.scan` and to the same model unrolled, and the targets for
+  scanned models checked.
 
 Variants: `ours` (`ebn.BatchNorm(C)` on an NHWC batch), `Flax NCHW` (Flax's layer with
 `axis=1` on the NCHW batch: the per-example variants' memory layout), `ours vmap`
@@ -66,6 +77,7 @@ import eqx_batchnorm as ebn  # noqa: E402
 AXIS = "batch"
 LAYERS = 53  # ResNet-50's BatchNorms
 SHAPES = ((32, 8, 8, 16), (64, 16, 16, 64))  # logical (N, H, W, C)
+SHAPE_NAMES = ("small", "large")  # `--shapes`
 DTYPES = B.DTYPES
 LR = 1e-2
 STACK_VARIANTS = ("Flax", "Flax NCHW", "ours", "ours vmap", "eqx", "no BN", "no BN vmap")
@@ -483,11 +495,11 @@ def scan_steps(case: Case, depth: int) -> dict[str, Step]:
     weights = tuple(_weight(k, c) for k in jax.random.split(key, depth))
     steps = {}
     flax_model = FlaxStack(depth)
-    v = flax_model.init(jax.random.key(0), nhwc)
+    v = jax.jit(flax_model.init)(jax.random.key(0), nhwc)  # jitted: one compile, not many
     v = {**v, "params": {**v["params"], **{f"weight_{i}": w for i, w in enumerate(weights)}}}
     steps["Flax"] = flax_step(flax_model, v, (nhwc,), _mean_square)
     scan_model = FlaxScanStack(depth)
-    v = scan_model.init(jax.random.key(0), nhwc)
+    v = jax.jit(scan_model.init)(jax.random.key(0), nhwc)
     assert v["params"]["blocks"]["weight"].shape == (depth, c, c)
     v = {**v, "params": {"blocks": {**v["params"]["blocks"], "weight": jnp.stack(weights)}}}
     steps["Flax scan"] = flax_step(scan_model, v, (nhwc,), _mean_square)
@@ -523,27 +535,51 @@ def check_scanned(steps: dict[str, Step], calls: dict[str, Callable[[], Any]],
     return out
 
 
-def run_scan(case: Case, depth: int, rounds: int, compile_rounds: int,
-             sample_s: float) -> Section:
-    steps = scan_steps(case, depth)
-    out = Section(f"{depth} blocks, x {case.label}")
+def _ratio(by: dict[str, list[float]], name: str, ref: str) -> float:
+    """The median of per-round ratios of two variants' samples."""
+    return float(np.median(np.array(by[name]) / np.array(by[ref])))
+
+
+def run_scan(case: Case, depths: list[int], rounds: int, compile_rounds: int,
+             sample_s: float) -> list[Section]:
+    """Every depth's variants measured together, in the same alternating rounds, so that
+    the ratios across depths (compile growth) are per-round ratios too; one section per
+    depth."""
+    steps, key = {}, {}
+    for depth in depths:
+        for name, step in scan_steps(case, depth).items():
+            key[depth, name] = f"{depth}/{name}"
+            steps[key[depth, name]] = step
     costs = compile_costs(steps, compile_rounds)
-    out.extra["check"] = check_scanned(steps, costs["calls"])
+    checks = {depth: check_scanned({n: steps[key[depth, n]] for n in SCAN_VARIANTS},
+                                   {n: costs["calls"][key[depth, n]] for n in SCAN_VARIANTS})
+              for depth in depths}
     samples = {**costs["samples"], "step": alternate(costs["calls"], rounds, sample_s)}
-    for quantity, by in samples.items():
-        out.add(quantity, by)
-    out.extra.update(
-        x=case.label, depth=depth, equations=costs["equations"], temp_bytes=costs["temp_bytes"],
-        ratio_to_Flax_scan={q: per_round_ratios(by, "Flax scan") for q, by in samples.items()},
-        # A scanned variant over the same model unrolled, same style: per-round ratios.
-        ratio_to_unrolled={q: {k: float(np.median(np.array(by[k]) / np.array(by[u])))
-                               for k, u in UNROLLED.items()} for q, by in samples.items()})
-    return out
+    sections, low = [], min(depths)
+    for depth in depths:
+        out = Section(f"{depth} blocks, x {case.label}")
+        mine = {q: {n: by[key[depth, n]] for n in SCAN_VARIANTS} for q, by in samples.items()}
+        for quantity, by in mine.items():
+            out.add(quantity, by)
+        out.extra.update(
+            x=case.label, depth=depth, check=checks[depth],
+            equations={n: costs["equations"][key[depth, n]] for n in SCAN_VARIANTS},
+            temp_bytes={n: costs["temp_bytes"][key[depth, n]] for n in SCAN_VARIANTS},
+            ratio_to_Flax_scan={q: per_round_ratios(by, "Flax scan") for q, by in mine.items()},
+            # A scanned variant over the same model unrolled, same style.
+            ratio_to_unrolled={q: {k: _ratio(by, k, u) for k, u in UNROLLED.items()}
+                               for q, by in mine.items()},
+            # Each variant over itself at the shallowest depth: how its costs grow.
+            shallowest=low,
+            ratio_to_shallowest={q: {n: _ratio(by, key[depth, n], key[low, n])
+                                     for n in SCAN_VARIANTS} for q, by in samples.items()})
+        sections.append(out)
+    return sections
 
 
 def scan_targets(sections: list[Section]) -> list[dict[str, Any]]:
     """What we aim for with scanned models, checked at the deepest stack of a case (growth:
-    from its shallowest stack); temporary memory at every depth."""
+    over the shallowest one, per round); temporary memory at every depth."""
     out = []
 
     def target(name: str, limit: float, values: dict[str, float], note: str = "") -> None:
@@ -566,11 +602,9 @@ def scan_targets(sections: list[Section]) -> list[dict[str, Any]]:
                {k: high.extra["ratio_to_unrolled"]["step"][k] for k in SCANNED},
                f"Flax scan / Flax {B._x(high.extra['ratio_to_unrolled']['step']['Flax scan'])}")
         if high is not low:
-            growth = {k: high.medians["compile"][k] / low.medians["compile"][k]
-                      for k in SCAN_VARIANTS}
-            target(f"compile growth, {low.extra['depth']} to {n} blocks, x {x}", 1.3,
-                   {k: growth[k] for k in SCANNED},
-                   "ratio of medians; " + ", ".join(
+            growth = high.extra["ratio_to_shallowest"]["compile"]
+            target(f"compile growth, {high.extra['shallowest']} to {n} blocks, x {x}", 1.3,
+                   {k: growth[k] for k in SCANNED}, ", ".join(
                        f"{k} {B._x(growth[k])}" for k in SCAN_VARIANTS if k not in SCANNED))
         for ours, flax in (("ours scan", "Flax scan"), ("ours vmap scan", "Flax scan"),
                            ("ours", "Flax"), ("ours vmap", "Flax")):
@@ -821,19 +855,21 @@ def resnet_table(s: Section) -> str:
 
 
 def scan_table(sections: list[Section]) -> str:
-    """One case's depths: a row per variant, ratios to Flax unrolled at the same depth."""
-    lines = ["| blocks | variant | trace ms | **trace/Flax** | compile ms | **compile/Flax** "
-             "| step ms | **step/Flax** | temp MiB |", "|" + "---|" * 9]
+    """One case's depths, narrow enough for the docs page (`bench.TABLE_COLUMNS`): a row per
+    variant, each time with its ratio to Flax unrolled at the same depth."""
+
+    def cell(s: Section, quantity: str, name: str, digits: int) -> str:
+        return f"{s.medians[quantity][name] * 1e3:.{digits}f} ({B._x(s.ratios[quantity][name])})"
+
+    rows = []
     for s in sections:
         for i, name in enumerate(SCAN_VARIANTS):
             temp = s.extra["temp_bytes"][name]
-            lines.append(
-                f"| {s.extra['depth'] if i == 0 else ''} | {name} "
-                f"| {B._ms(s.medians['trace'][name])} | {_ratio_cell(s, 'trace', name)} "
-                f"| {B._ms(s.medians['compile'][name])} | {_ratio_cell(s, 'compile', name)} "
-                f"| {B._ms(s.medians['step'][name])} | {_ratio_cell(s, 'step', name)} "
-                f"| {'' if temp is None else f'{temp / 2**20:.2f}'} |")
-    return "\n".join(lines)
+            rows.append([str(s.extra["depth"]) if i == 0 else "", name,
+                         cell(s, "trace", name, 1), cell(s, "compile", name, 1),
+                         cell(s, "step", name, 2), "" if temp is None else f"{temp / 2**20:.2f}"])
+    return B._table(["blocks", "variant", "trace ms (/Flax)", "compile ms (/Flax)",
+                     "step ms (/Flax)", "temp MiB"], rows)
 
 
 def target_lines(targets: list[dict[str, Any]]) -> list[str]:
@@ -848,7 +884,8 @@ SECTIONS = ("stack", "eager", "resnet", "scan")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: one shape in float32, "
-                   "a stack of 4, 2 rounds, 1 compile round, 3 eager calls")
+                   "a stack of 4, scanned stacks of 8, 2 rounds, 1 compile round, 3 eager "
+                   "calls")
     p.add_argument("--rounds", type=int, default=None,
                    help="timing rounds of the steps and eager calls (default 30)")
     p.add_argument("--compile-rounds", type=int, default=None,
@@ -858,6 +895,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=",".join(DTYPES),
                    help="x's dtypes in the stack, eager and scan sections: comma-separated "
                    "subset of " + ", ".join(DTYPES))
+    p.add_argument("--shapes", default=",".join(SHAPE_NAMES),
+                   help="x's shapes in the stack, eager and scan sections: comma-separated "
+                   "subset of " + ", ".join(f"{n} {s}" for n, s in zip(SHAPE_NAMES, SHAPES,
+                                                                         strict=True)))
     p.add_argument("--depths", default=None,
                    help="scan: the stacks' depths, comma-separated (default "
                    + ",".join(map(str, SCAN_DEPTHS)) + f", {SCAN_DEPTHS[0]} with --quick)")
@@ -888,7 +929,8 @@ def main(argv: list[str] | None = None) -> None:
               else list(SCAN_DEPTHS[:1] if args.quick else SCAN_DEPTHS))
     calls = args.eager_calls or (3 if args.quick else 20)
     sample_s = (args.sample_ms or (10.0 if jax.default_backend() == "cpu" else 25.0)) / 1e3
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = SHAPES[:1] if args.quick else [
+        s for n, s in zip(SHAPE_NAMES, SHAPES, strict=True) if n in args.shapes.split(",")]
     dtypes = ("f32",) if args.quick else [d for d in DTYPES if d in args.dtypes.split(",")]
     cases = [Case(s, dt) for s in shapes for dt in dtypes]
 
@@ -962,26 +1004,34 @@ def main(argv: list[str] | None = None) -> None:
                 "medians; BN compile ms: likewise for XLA's compile.", "",
                 resnet_table(resnet), ""])
     if "scan" in sections:
-        done, lines = [], []
-        for case in cases:
-            mine = []
-            for depth in depths:
-                mine.append(run_scan(case, depth, rounds, compile_rounds, sample_s))
-                log(f"scan {mine[-1].case}: compile/Flax {mine[-1].ratios['compile']}")
-            lines += [f"x {case.label}:", "", scan_table(mine), ""]
-            done += mine
-        targets = scan_targets(done)
-        emit("scan", {"depths": [s.to_json() for s in done], "targets": targets}, [
+        print("\n".join([
             "### Scan over layers: one SGD step", "",
             "The stack's blocks (BatchNorm, relu, 1x1 convolution) stacked and applied with "
             "`jax.lax.scan` (`ebn.scan_blocks`; Flax: `nn.scan`), and the same model "
             "unrolled, with the same initial values (checked: equal losses, updates and "
             "running statistics). Times: medians; ratios: **medians of per-round ratios** "
-            "to Flax unrolled at the same depth. Trace, compile: fresh functions after "
-            f"`jax.clear_caches()`, {compile_rounds} round(s); step: {rounds} rounds; "
-            "temp: the compiled step's XLA temporary memory.", "", *lines,
-            "What we aim for (per-round ratios; growth: ratio of medians):", "",
-            *target_lines(targets), ""])
+            "to Flax unrolled at the same depth, every depth measured in the same rounds. "
+            "Trace, compile: fresh functions after `jax.clear_caches()`, "
+            f"{compile_rounds} round(s); step: {rounds} rounds; temp: the compiled step's "
+            "XLA temporary memory.", ""]), flush=True)
+        done = []
+        for case in cases:
+            mine = run_scan(case, depths, rounds, compile_rounds, sample_s)
+            for s in mine:
+                log(f"scan {s.case}: compile/Flax {s.ratios['compile']}")
+            done += mine
+            # Saved case by case: a run cut short keeps the cases it finished.
+            emit("scan", {"depths": [s.to_json() for s in done]},
+                 [f"x {case.label}:", "", scan_table(mine), ""])
+        targets = scan_targets(done)
+        last = done[len(depths) - 1]
+        emit("scan", {"depths": [s.to_json() for s in done], "targets": targets}, [
+            "What we aim for (medians of per-round ratios):", "",
+            *target_lines(targets), "",
+            f"The step's jaxpr equations, sub-jaxprs included (top level in brackets), "
+            f"{last.case}: " + "; ".join(f"{k} {e['total']} ({e['top level']})"
+                                         for k, e in last.extra["equations"].items()) + ".",
+            ""])
     print(f"Done in {time.perf_counter() - start:.0f} s.")
 
 

@@ -8,7 +8,8 @@
 # benchmark report), passes.txt and hlo.txt (benchmarks/passes.py), tests.log (the test
 # suite's single-device part on the GPU), deep.md and deep.json (benchmarks/deep.py, one
 # compile round; each section is written as soon as it is done, so a run cut short by the
-# timeout keeps what it measured; its ResNet section needs the `demo` extra's packages).
+# timeout keeps what it measured; its ResNet section needs the `demo` extra's packages),
+# scan.md and scan.json (its scan-over-layers section, float32, written case by case).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -37,6 +38,9 @@ EQX_BATCHNORM_TEST_BACKEND=gpu timeout 240 python3 -m pytest -q -p no:cacheprovi
     tests/test_performance_paths.py tests/test_flax_parity.py tests/test_functional_core.py \
     -k "not pmap and not shard_map and not sharded" 2>&1 | tee "$out/tests.log" | tail -25
 echo "tests exit: $?"
-timeout 300 python3 benchmarks/deep.py --rounds 20 --compile-rounds 1 --json "$out/deep.json" \
-    2>&1 | tee "$out/deep.md"
+timeout 300 python3 benchmarks/deep.py --sections stack,eager,resnet --rounds 20 \
+    --compile-rounds 1 --json "$out/deep.json" 2>&1 | tee "$out/deep.md"
 echo "deep exit: $?"
+timeout 180 python3 benchmarks/deep.py --sections scan --dtypes f32 --rounds 20 \
+    --compile-rounds 1 --json "$out/scan.json" 2>&1 | tee "$out/scan.md"
+echo "scan exit: $?"

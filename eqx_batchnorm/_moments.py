@@ -1,4 +1,5 @@
-r"""The batch statistics: three estimators of the mean and biased variance, and their JVP.
+r"""The batch statistics: three estimators of the mean and biased variance, and their
+derivatives.
 
 Private and unchecked: the public entry points validate, then call `moments`, which
 computes $\mu = \frac{1}{N} \sum_{i \in \mathcal{M}} x_i$ and
@@ -250,11 +251,6 @@ def _refinement(cfg: Config):
 
 
 _ESTIMATORS = {"two_pass": _two_pass, "shifted": _shifted, "summed": _summed}
-
-
-def _group_moments(x: Array, mask: Array | None, cfg: Config) -> tuple[_Moments, Participants]:
-    p = Participants(cfg.names, cfg.groups)
-    return _ESTIMATORS[cfg.estimator](x, mask, p, cfg), p
 
 
 def _outputs(gm: _Moments, p: Participants, dtype: Any) -> tuple[Array, ...]:

@@ -97,15 +97,17 @@ def test_equation_count_includes_sub_jaxprs(deep):
 
 def test_deep_quick_mode_measures_every_section(deep, tmp_path, capsys):
     raw = tmp_path / "deep.json"
-    deep.main(["--quick", "--rounds", "1", "--layers", "2", "--eager-calls", "2",
-               "--json", str(raw)])
+    deep.main(["--quick", "--rounds", "1", "--layers", "2", "--depths", "2",
+               "--eager-calls", "2", "--json", str(raw)])
     printed = capsys.readouterr().out
     for heading in ("### A stack of 2 BatchNorms", "`Flax NCHW` is",
                     "### One layer's eager training call",
-                    "### The demo's ResNet (examples/digits_demo.py)"):
+                    "### The demo's ResNet (examples/digits_demo.py)",
+                    "### Scan over layers", "| 2 | Flax | ", "- [", "temp memory"):
         assert heading in printed
     data = json.loads(raw.read_text())
     assert data["layers"] == 2 and data["machine"]["backend"].startswith("cpu")
+    assert data["depths"] == [2]
 
     def positive(table, variants):
         assert set(table) == set(variants)
@@ -137,3 +139,64 @@ def test_deep_quick_mode_measures_every_section(deep, tmp_path, capsys):
     # The BatchNorms' cost per step: a model less the same model without BatchNorm.
     assert set(resnet["bn_cost_s"]["step"]) == {"Flax", "ours", "eqx"}
     assert resnet["equations"]["no BN"]["total"] < resnet["equations"]["Flax"]["total"]
+
+    # Scanned and unrolled, with the same initial values: the run checked that they agree.
+    (scan,) = data["scan"]["depths"]
+    assert scan["case"] == "2 blocks, x (32, 8, 8, 16) f32" and scan["depth"] == 2
+    for quantity in ("trace", "lower", "compile", "step"):
+        positive(scan["median_s"][quantity], deep.SCAN_VARIANTS)
+        assert scan["ratio_to_Flax"][quantity]["Flax"] == 1.0
+        assert scan["ratio_to_Flax_scan"][quantity]["Flax scan"] == 1.0
+        positive(scan["ratio_to_unrolled"][quantity], deep.UNROLLED)
+    positive(scan["temp_bytes"], deep.SCAN_VARIANTS)
+    loss = {name: values[0] for name, values in scan["check"].items()}
+    assert loss["ours scan"] == pytest.approx(loss["ours"], rel=1e-5)
+    assert scan["equations"]["ours scan"]["total"] < scan["equations"]["ours"]["total"] * 2
+    targets = {t["target"].split(",")[0] for t in data["scan"]["targets"]}
+    assert {"compile / Flax unrolled", "compile / Flax scan", "trace / Flax scan",
+            "temp memory ours scan / Flax scan"} <= targets
+    assert not any(t.startswith("compile growth") for t in targets)  # one depth only
+
+
+def made_up_scan(deep, depth, growth, temp):
+    s = deep.Section(f"{depth} blocks, x (32, 8, 8, 16) f32")
+    ones = {q: dict.fromkeys(deep.SCAN_VARIANTS, 1.0) for q in ("trace", "compile", "step")}
+    s.ratios = ones
+    s.extra.update(x="(32, 8, 8, 16) f32", depth=depth, ratio_to_Flax_scan=ones,
+                   ratio_to_unrolled=ones, temp_bytes=dict.fromkeys(deep.SCAN_VARIANTS, temp),
+                   shallowest=8, ratio_to_shallowest={
+                       **ones, "compile": dict.fromkeys(deep.SCAN_VARIANTS, 6.0) | growth})
+    return s
+
+
+def test_scan_targets_take_the_deepest_stack_and_the_growth_from_the_shallowest(deep):
+    shallow = made_up_scan(deep, 8, {}, 100)
+    deep_one = made_up_scan(deep, 53, {"ours scan": 1.2, "ours vmap scan": 1.4}, 100)
+    deep_one.ratios = {**deep_one.ratios, "compile": {**deep_one.ratios["compile"],
+                                                      "ours scan": 0.45, "ours vmap scan": 0.6}}
+    deep_one.extra["temp_bytes"] = {**deep_one.extra["temp_bytes"], "ours vmap": 101}
+    targets = {t["target"]: t for t in deep.scan_targets([deep_one, shallow])}
+    compile_ = targets["compile / Flax unrolled, 53 blocks, x (32, 8, 8, 16) f32"]
+    assert compile_["values"] == {"ours scan": 0.45, "ours vmap scan": 0.6}
+    assert not compile_["met"]
+    growth = targets["compile growth, 8 to 53 blocks, x (32, 8, 8, 16) f32"]
+    assert growth["values"] == {"ours scan": 1.2, "ours vmap scan": 1.4}
+    assert not growth["met"] and "Flax 6.00x" in growth["note"]
+    memory = targets["temp memory ours vmap / Flax, x (32, 8, 8, 16) f32"]
+    assert not memory["met"] and "worst at 53 blocks" in memory["note"]
+    assert targets["temp memory ours scan / Flax scan, x (32, 8, 8, 16) f32"]["met"]
+    lines = deep.target_lines(list(targets.values()))
+    assert any(line.startswith("- [ ] compile growth, 8 to 53") for line in lines)
+
+
+def test_a_scanned_variant_that_disagrees_with_its_unrolled_model_stops_the_run(deep):
+    import jax.numpy as jnp
+
+    params = [jnp.ones(3)]
+    steps = {name: deep.Step(lambda: None, (params, [])) for name in deep.SCAN_VARIANTS}
+    calls = {name: (lambda: ([params[0] - 0.1], [jnp.ones(3)], jnp.float32(1.0)))
+             for name in deep.SCAN_VARIANTS}
+    assert deep.check_scanned(steps, calls)["ours scan"] == pytest.approx([1.0, 0.03, 3.0])
+    calls["ours vmap scan"] = lambda: ([params[0] - 0.1], [jnp.ones(3)], jnp.float32(1.001))
+    with pytest.raises(AssertionError, match="ours vmap scan and ours vmap disagree"):
+        deep.check_scanned(steps, calls)
