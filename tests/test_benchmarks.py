@@ -72,6 +72,9 @@ def test_quick_mode_writes_the_report_and_the_raw_numbers(bench, tmp_path, capsy
     printed = capsys.readouterr().out
     for heading in ("### Time", "### XLA temporary memory", "### Variance", "### Targets"):
         assert heading in printed
+    # Every table fits the docs page, as it is pasted there.
+    rows = [line for line in printed.splitlines() if line.startswith("|")]
+    assert rows and max(line.count(" | ") + 1 for line in rows) <= bench.TABLE_COLUMNS
     assert "Command: `python benchmarks/bench.py --quick --rounds 1" in printed
     data = json.loads(raw.read_text())
     assert {t["case"] for t in data["timing"]} == {"(64, 32, 32, 64) NHWC f32",
