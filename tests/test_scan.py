@@ -15,7 +15,7 @@ from jax import lax
 
 import eqx_batchnorm as ebn
 
-C, DEPTH, EPS = 6, 4, 1e-5
+C, DEPTH, EPS = 6, 3, 1e-5
 
 
 class Batched(eqx.Module):
@@ -170,7 +170,7 @@ def test_trained_scanned_model_evaluates_as_the_unrolled_one(style):
         (_, (_, state)), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model, state, x)
         return eqx.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads)), state
 
-    for i in range(3):
+    for i in range(2):
         xi = _data(style, seed=10 + i)
         blocks, state = step(blocks, state, xi, _scanned_loss(style))
         model, ustate = step(model, ustate, xi, _unrolled_loss(style))
@@ -318,9 +318,9 @@ def _derivative(name, program, f, state, x):
     return jax.grad(lambda x: program(f, x, state))(x)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "filter_jit"])
 @pytest.mark.parametrize("name", [*_programs(), "linearize"])
-def test_layer_differentiates_inside_control_flow_as_equinox_does(name, jit):
+def test_layer_differentiates_inside_control_flow_as_equinox_does(name):
+    # Under `eqx.filter_jit` (eagerly too, for the scan: the next test).
     program = _programs().get(name)
     x = _data("per_example")
     got = {}
@@ -328,7 +328,7 @@ def test_layer_differentiates_inside_control_flow_as_equinox_does(name, jit):
         def run(x, state, layer=layer):
             return _derivative(name, program, _vmapped(layer), state, x)
 
-        got[which] = (eqx.filter_jit(run) if jit else run)(x, state)
+        got[which] = eqx.filter_jit(run)(x, state)
     _close(got["ours"], got["eqx"], 1e-4)
 
 
@@ -382,7 +382,7 @@ def test_per_layer_functions_name_the_stacked_state_and_work_per_block():
         eqx.nn.Lambda(jax.nn.relu)]))(keys)
     x = _data("per_example")
     _, state = ebn.scan_blocks(seq, state, x, axis_name="batch")
-    fix = (r"this is the state of blocks stacked \(4,\) \(a scanned model\): apply the "
+    fix = (r"this is the state of blocks stacked \(3,\) \(a scanned model\): apply the "
            r"blocks with `ebn.scan_blocks\(blocks, state, x\)`")
     with pytest.raises(ebn.BatchNormError, match=fix + r".*`eqx.filter_vmap\(ebn."
                                                       r"fold_sequential\)\(blocks, state\)`"):
