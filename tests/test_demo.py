@@ -13,7 +13,7 @@ from _scripts import loaded
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+# End-to-end: `pytest -m "not slow"` leaves these out for a quick loop.
 pytestmark = pytest.mark.slow
 
 

@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 TIMEOUT_S = 240  # both children together; a healthy run takes ~20 s on 2 busy cores
 
-# End-to-end and minutes long: CI's extra environments run the other tests (-m "not slow").
+# End-to-end: `pytest -m "not slow"` leaves these out for a quick loop.
 pytestmark = pytest.mark.slow
 
 
