@@ -4,10 +4,10 @@ The glob picks up every notebook, including ones added later. The kernel is this
 interpreter's own (ipykernel's `python3` resolves to `sys.executable`), and it inherits
 this process's environment, so it sees the 8 virtual CPU devices that conftest sets.
 
-One kernel runs them all, one after another (starting a kernel and importing JAX, Flax and
-the rest costs 8 s a notebook): before each, its namespace is emptied (`%reset -f`) and
-its working folder set, so a notebook that uses a name it does not define fails as in a
-fresh kernel; only imported modules stay loaded.
+One kernel per test worker runs them, one after another (starting a kernel and importing
+JAX, Flax and the rest costs 8 s a notebook): before each, its namespace is emptied
+(`%reset -f`) and its working folder set, so a notebook that uses a name it does not
+define fails as in a fresh kernel; only imported modules stay loaded.
 """
 
 import copy
@@ -22,9 +22,8 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 
-# End-to-end: `pytest -m "not slow"` leaves these out for a quick loop. On one worker, so
-# that one kernel serves every notebook.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("notebooks")]
+# End-to-end: `pytest -m "not slow"` leaves these out for a quick loop.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
